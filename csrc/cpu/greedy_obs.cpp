@@ -1,0 +1,144 @@
+// CPU greedy structured OBS. Groups of size > 1 (attention heads) use the device-generic loop in
+// greedy_obs_impl.h, whose per-step work is already rank-g matrix products. Single columns (FFN
+// neurons, thousands of steps) take the fused path below: per step one GEMV over the applied W
+// (which stays in the last-level cache), O(m * pending) vector work, and no small ATen calls
+// except the GEMVs; the pending rank-1 updates are applied every `block` steps with two GEMMs.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "../greedy_obs_impl.h"
+
+namespace ziplm {
+namespace {
+
+template <typename T>
+ObsOutput greedy_obs_cpu_columns(const ObsSetup& setup, int64_t block) {
+  const at::Tensor& W0 = setup.W0;
+  const int64_t r = W0.size(0), c = W0.size(1);
+  const auto opt = W0.options();
+  const int64_t cap = std::max<int64_t>(block, 1);
+
+  at::Tensor Hinv = setup.Hinv0.clone();  // (m, m) applied, active columns only
+  at::Tensor W = W0.clone();              // (r, m) applied
+  at::Tensor G = at::zeros({cap, c}, opt);  // pending g_p as rows (active coordinates)
+  at::Tensor U = at::zeros({cap, r}, opt);  // pending u_p as rows
+  std::vector<int64_t> act(c);              // original column of each active coordinate
+  for (int64_t i = 0; i < c; ++i) act[i] = i;
+  std::vector<T> d(c), n(c), v(c), t(c), w(r), coef(cap);
+  std::vector<char> removed(c, 0);
+
+  at::Tensor order = at::empty({c}, opt.dtype(at::kLong));
+  at::Tensor step_loss = at::empty({c}, opt);
+  at::Tensor Uout = at::empty({r, c}, opt);
+  at::Tensor Rout = at::zeros({c, c}, opt);
+  int64_t* order_p = order.data_ptr<int64_t>();
+  T* loss_p = step_loss.data_ptr<T>();
+  T* Uout_p = Uout.data_ptr<T>();
+  T* Rout_p = Rout.data_ptr<T>();
+
+  auto refresh = [&](int64_t m) {  // exact diag(H^-1) and column norms of W from the applied state
+    const T* h = Hinv.data_ptr<T>();
+    for (int64_t k = 0; k < m; ++k) d[k] = h[k * m + k];
+    at::Tensor nn = W.square().sum(0);
+    std::copy(nn.data_ptr<T>(), nn.data_ptr<T>() + m, n.begin());
+  };
+  int64_t m = c, b = 0;
+  refresh(m);
+
+  for (int64_t s = 0; s < c; ++s) {
+    // 1. least saliency ||W_:,j||^2 / (H^-1)_jj among the active columns
+    int64_t j = -1;
+    T best = std::numeric_limits<T>::infinity();
+    for (int64_t k = 0; k < m; ++k) {
+      if (removed[k]) continue;
+      const T rho = n[k] / d[k];
+      if (j < 0 || rho < best) best = rho, j = k;
+    }
+    // 2. v = H^-1[:, j] = Hinv_A[j, :] - sum_p G[p, j] G[p, :]  (symmetric: read row j)
+    at::Tensor Gp = G.narrow(0, 0, b).narrow(1, 0, m), Up = U.narrow(0, 0, b);
+    const T* Gptr = G.data_ptr<T>();
+    for (int64_t p = 0; p < b; ++p) coef[p] = Gptr[p * c + j];
+    at::Tensor coef_t = at::from_blob(coef.data(), {b}, opt);
+    at::Tensor vt = Hinv.select(0, j).clone();
+    at::Tensor wt = W.select(1, j).clone();
+    if (b > 0) {
+      vt.sub_(at::mv(Gp.t(), coef_t));
+      wt.sub_(at::mv(Up.t(), coef_t));
+    }
+    const T* vp = vt.data_ptr<T>();
+    const T* wp = wt.data_ptr<T>();
+    const T piv = vp[j];
+    ZIPLM_CHECK(piv > 0 && std::isfinite(static_cast<double>(piv)), "numerical breakdown at step ", s,
+                ": pivot (H^-1)_jj = ", static_cast<double>(piv), " (use float64 or a larger damp)");
+    const T scale = T(1) / std::sqrt(piv);
+    // 3. u = W_:,j / sqrt(p), g = v / sqrt(p), step loss ||u||^2
+    T* urow = U.data_ptr<T>() + b * r;
+    T uu = 0;
+    for (int64_t i = 0; i < r; ++i) {
+      urow[i] = wp[i] * scale;
+      uu += urow[i] * urow[i];
+      Uout_p[i * c + s] = urow[i];
+    }
+    removed[j] = 1;
+    T* grow = G.data_ptr<T>() + b * c;
+    for (int64_t k = 0; k < m; ++k) grow[k] = removed[k] ? T(0) : vp[k] * scale;
+    // 4. t = W_s^T u = W_A^T u - G_p^T (U_p u)
+    at::Tensor u_t = U.select(0, b);
+    at::Tensor tt = at::mv(W.t(), u_t);
+    if (b > 0) tt.sub_(at::mv(Gp.t(), at::mv(Up, u_t)));
+    const T* tp = tt.data_ptr<T>();
+    // 5. downdate diag(H^-1) and the column norms of W; record history in original columns
+    T* Rrow = Rout_p + s * c;
+    for (int64_t k = 0; k < m; ++k) {
+      const T gk = grow[k];
+      d[k] -= gk * gk;
+      n[k] += gk * (gk * uu - T(2) * tp[k]);
+      Rrow[act[k]] = gk;
+    }
+    order_p[s] = act[j];
+    loss_p[s] = uu;
+    ++b;
+
+    // 6. apply the pending block with two GEMMs and drop removed columns
+    if (b == cap && s < c - 1) {
+      std::vector<int64_t> keep;
+      keep.reserve(m);
+      for (int64_t k = 0; k < m; ++k)
+        if (!removed[k]) keep.push_back(k);
+      at::Tensor keep_t = at::from_blob(keep.data(), {(int64_t)keep.size()}, opt.dtype(at::kLong)).clone();
+      at::Tensor Gk = G.narrow(0, 0, b).index_select(1, keep_t);  // (b, m')
+      Hinv = Hinv.index_select(0, keep_t).index_select(1, keep_t);
+      Hinv.addmm_(Gk.t(), Gk, 1.0, -1.0);
+      W = W.index_select(1, keep_t);
+      W.addmm_(U.narrow(0, 0, b).t(), Gk, 1.0, -1.0);
+      for (size_t k = 0; k < keep.size(); ++k) act[k] = act[keep[k]];
+      m = (int64_t)keep.size();
+      std::fill(removed.begin(), removed.begin() + m, 0);
+      G.zero_();
+      b = 0;
+      refresh(m);
+    }
+  }
+  at::Tensor losses = step_loss.cumsum(0);
+  check_losses(losses);
+  return {order, losses, Uout, Rout, W0, setup.damp_used};
+}
+
+ObsOutput greedy_obs_cpu(const at::Tensor& W, const at::Tensor& H, int64_t g, double damp, int64_t block) {
+  if (g != 1) return greedy_obs_generic(W, H, g, damp, block);
+  ObsSetup setup = greedy_obs_prepare(W, H, g, damp, block);
+  return AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "greedy_obs_cpu", [&] {
+    return greedy_obs_cpu_columns<scalar_t>(setup, block);
+  });
+}
+
+}  // namespace
+}  // namespace ziplm
+
+TORCH_LIBRARY_IMPL(ziplm, CPU, m) {
+  m.impl("greedy_obs", &ziplm::greedy_obs_cpu);
+  m.impl("greedy_obs_generic", &ziplm::greedy_obs_generic);
+}

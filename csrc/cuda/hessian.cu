@@ -1,0 +1,9 @@
+// CUDA registration of H += X^T X: the accumulation is one cuBLAS GEMM (addmm_) on the current stream.
+#include <c10/cuda/CUDAGuard.h>
+#include "../hessian_impl.h"
+
+static int64_t hessian_accumulate_cuda(at::Tensor H, const at::Tensor& X, const c10::optional<at::Tensor>& mask) {
+  const c10::cuda::CUDAGuard guard(H.device());
+  return ziplm::hessian_accumulate_impl(H, X, mask);
+}
+TORCH_LIBRARY_IMPL(ziplm, CUDA, m) { m.impl("hessian_accumulate", &hessian_accumulate_cuda); }
