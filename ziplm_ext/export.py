@@ -1,0 +1,275 @@
+"""Exact, atomic save / load of physically pruned models.
+
+Directory layout written by :func:`save_pruned`::
+
+    config.json                 HF config (see "HF loadability" below)
+    ziplm_shapes.json           family, model / config class, per-layer kept counts
+                                (``adapter.shapes()``), the dense config, tied-weight
+                                aliases, dtype, attention implementation, ``extra``
+    model.safetensors           the state dict (tied duplicates stored once)
+    ziplm_buffers.safetensors   non-persistent buffers (e.g. RoPE ``inv_freq``,
+                                ``position_ids``), so that loading is bit-exact
+
+:func:`load_pruned` builds the *dense* model from the dense config on the ``meta``
+device (no memory, no init), applies ``adapter.slice(layer, range(k))`` per layer to get
+the pruned shapes (a removed module for ``k == 0``), materialises the (small) pruned model
+with ``to_empty``, restores the buffers, re-ties tied weights and loads the state dict
+strictly.  The returned model is in eval mode and its ``model.config`` is the dense config
+(as for a model pruned in memory: adapters report dense counts from the config and current
+counts from the module shapes).
+
+HF loadability: when every attention layer keeps the same number of structures, every
+FFN keeps the same width and no module is removed, the adapter tries to express the pruned
+shapes in a regular HF config (``intermediate_size`` / ``n_inner``; for LLaMA-like models
+also ``num_attention_heads``, ``num_key_value_heads`` and an explicit ``head_dim``), and
+that adjusted config is written as ``config.json`` so the directory also loads with plain
+``AutoModel*.from_pretrained``.  BERT and GPT-2 derive the head size as
+``hidden_size / num_attention_heads``, so pruned attention heads cannot be expressed there;
+non-uniform widths and removed modules cannot be expressed by any HF config.  In those cases
+``config.json`` is the dense config and ``ziplm_shapes.json`` records ``"hf_loadable": false``
+with the reason; use :func:`load_pruned`.
+
+Atomicity: everything is written into a fresh temporary directory next to the target,
+which is then renamed into place (an existing previous save is first moved aside and
+deleted only after the new one is in place).  On any failure the temporary directory is
+removed and a pre-existing target is left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .adapters import get_adapter
+
+__all__ = ["save_pruned", "load_pruned", "PrunedSaveError", "SHAPES_FILE", "WEIGHTS_FILE", "BUFFERS_FILE"]
+
+SHAPES_FILE = "ziplm_shapes.json"
+WEIGHTS_FILE = "model.safetensors"
+BUFFERS_FILE = "ziplm_buffers.safetensors"
+FORMAT_VERSION = 1
+
+
+class PrunedSaveError(OSError):
+    """The pruned model could not be written to the requested directory."""
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _main_dtype(model) -> torch.dtype:
+    c = Counter(p.dtype for p in model.parameters() if p.is_floating_point())
+    return c.most_common(1)[0][0] if c else torch.float32
+
+
+def _dedup_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that alias an earlier one (tied weights); returns (tensors, {alias: source})."""
+    seen: dict[tuple, str] = {}
+    out, tied = {}, {}
+    for name, t in sd.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() > 0 and key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        out[name] = t.detach().contiguous().cpu()
+    # safetensors refuses any remaining storage sharing (e.g. overlapping views): clone those
+    ptrs = Counter(t.untyped_storage().data_ptr() for t in out.values() if t.numel() > 0)
+    for name, t in out.items():
+        if t.numel() > 0 and ptrs[t.untyped_storage().data_ptr()] > 1:
+            out[name] = t.clone()
+    return out, tied
+
+
+def _non_persistent_buffers(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for mod_name, mod in model.named_modules():
+        for b in getattr(mod, "_non_persistent_buffers_set", ()):
+            t = mod._buffers.get(b)
+            if t is not None:
+                out[f"{mod_name}.{b}" if mod_name else b] = t
+    return out
+
+
+def save_pruned(model, directory, extra: dict | None = None) -> Path:
+    """Save a (possibly physically pruned) model atomically into ``directory``.
+
+    ``extra`` is JSON-serialisable metadata stored in ``ziplm_shapes.json``.  An existing
+    ``directory`` is replaced only if it is empty or a previous ``save_pruned`` output.
+    Raises :class:`PrunedSaveError` (one-line message) if the directory cannot be written.
+    Returns the target path.
+    """
+    from safetensors.torch import save_file
+
+    adapter = get_adapter(model)
+    target = Path(directory).expanduser().absolute()
+    shapes = adapter.shapes(model)
+    try:
+        extra_json = json.loads(json.dumps(extra if extra is not None else {}))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"save_pruned: `extra` must be JSON-serialisable ({e})") from None
+
+    hf_cfg_dict, reason = adapter.hf_config_for_shapes(model.config, shapes)
+    dense_cfg = model.config.to_dict()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "family": adapter.family,
+        "model_class": type(model).__name__,
+        "config_class": type(model.config).__name__,
+        "model_type": getattr(model.config, "model_type", None),
+        "shapes": shapes,
+        "hf_loadable": hf_cfg_dict is not None,
+        "hf_loadable_reason": reason if hf_cfg_dict is None else "",
+        "dtype": _dtype_name(_main_dtype(model)),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "dense_config": dense_cfg,
+        "tied": {},
+        "extra": extra_json,
+    }
+    tensors, tied = _dedup_state_dict(model.state_dict())
+    meta["tied"] = tied
+    buffers = {k: v.detach().contiguous().cpu().clone() for k, v in _non_persistent_buffers(model).items()}
+
+    if target.exists():
+        if not target.is_dir():
+            raise PrunedSaveError(f"cannot write pruned model to {target}: it exists and is not a directory")
+        if any(target.iterdir()) and not (target / SHAPES_FILE).is_file():
+            raise PrunedSaveError(f"cannot write pruned model to {target}: non-empty directory that is not a ziplm save")
+
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        cfg = type(model.config).from_dict(hf_cfg_dict) if hf_cfg_dict is not None else model.config
+        cfg_arch = getattr(cfg, "architectures", None)
+        cfg.architectures = [type(model).__name__]
+        try:
+            cfg.save_pretrained(tmp)
+        finally:
+            if cfg is model.config:
+                cfg.architectures = cfg_arch
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_file(buffers, str(tmp / BUFFERS_FILE), metadata={"format": "pt"})
+        with open(tmp / SHAPES_FILE, "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        _swap_into_place(tmp, target)
+        tmp = None
+    except OSError as e:
+        detail = e.strerror or str(e) or type(e).__name__
+        raise PrunedSaveError(f"cannot write pruned model to {target}: {detail}") from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.rmdir(old)
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)  # restore the previous save
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _set_by_name(model, name: str, value) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(mod_name) if mod_name else model
+    setattr(owner, attr, value)
+
+
+def _get_by_name(model, name: str):
+    mod_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(mod_name) if mod_name else model
+    return getattr(owner, attr)
+
+
+@torch.no_grad()
+def load_pruned(directory, device: str | torch.device = "cpu"):
+    """Load a model written by :func:`save_pruned` (eval mode, exact weights and shapes)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    shapes_path = directory / SHAPES_FILE
+    if not shapes_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a ziplm_ext save ({SHAPES_FILE} missing)")
+    with open(shapes_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version", 1) > FORMAT_VERSION:
+        raise ValueError(f"{directory}: format_version {meta['format_version']} is newer than supported ({FORMAT_VERSION})")
+    model_cls = getattr(transformers, meta["model_class"], None)
+    if model_cls is None:
+        raise ValueError(f"{directory}: model class {meta['model_class']!r} not found in transformers")
+    config = model_cls.config_class.from_dict(meta["dense_config"])
+    if meta.get("attn_implementation"):
+        config._attn_implementation = meta["attn_implementation"]
+    dtype = getattr(torch, meta.get("dtype", "float32"))
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    model.to(dtype)
+    adapter = get_adapter(model)
+    saved_shapes: dict[str, int] = meta["shapes"]
+    layers = adapter.prunable_layers(model)
+    if {l.name for l in layers} != set(saved_shapes):
+        raise ValueError(f"{directory}: saved layer names do not match the model built from its config")
+    for layer in layers:
+        adapter.slice(model, layer, range(saved_shapes[layer.name]))
+    if adapter.shapes(model) != saved_shapes:  # pragma: no cover - defensive
+        raise RuntimeError(f"{directory}: could not reproduce the saved shapes")
+
+    model.to_empty(device=device)
+    # non-persistent buffers: HF's own initialisation first, then the exact saved values
+    owners = {n.rpartition(".")[0] for n in _non_persistent_buffers(model)}
+    for n in owners:
+        if hasattr(model, "_init_weights"):
+            try:
+                model._init_weights(model.get_submodule(n) if n else model)
+            except Exception:
+                pass
+    buf_path = directory / BUFFERS_FILE
+    if buf_path.is_file():
+        for name, t in load_file(str(buf_path)).items():
+            try:
+                dst = _get_by_name(model, name)
+            except AttributeError:
+                continue
+            if isinstance(dst, torch.Tensor):
+                _set_by_name(model, name, t.to(device=dst.device, dtype=t.dtype))
+
+    # re-tie tied parameters (to_empty / dtype conversion may have untied them)
+    tied: dict[str, str] = meta.get("tied", {})
+    for alias, source in tied.items():
+        src = _get_by_name(model, source)
+        if _get_by_name(model, alias) is not src:
+            _set_by_name(model, alias, src)
+
+    sd = load_file(str(directory / WEIGHTS_FILE))
+    for alias, source in tied.items():
+        sd[alias] = sd[source]
+    model.load_state_dict(sd, strict=True)
+    # tensors stored in a dtype different from the bulk dtype keep their saved dtype
+    for name, t in sd.items():
+        if name in tied:
+            continue
+        dst = _get_by_name(model, name)
+        if dst.dtype != t.dtype:
+            dst.data = t.to(device=dst.device)
+    model.eval()
+    return model
