@@ -63,7 +63,7 @@ def extensions():
         sys.exit(f"ziplm_ext: ZIPLM_FORCE_CUDA=1 but CUDA kernels cannot be built: {reason}")
     print(f"ziplm_ext: {'building CUDA + CPU kernels' if build_cuda else 'building CPU kernels only'} ({reason})")
 
-    opt = ["-O0", "-g"] if flag("ZIPLM_DEBUG") else ["-O3"]
+    opt = ["-O0", "-g"] if flag("ZIPLM_DEBUG") else ["-O3", "-g0"]  # -g0: Python's default CFLAGS add -g
     cxx = opt + ["-fopenmp"]
     if build_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

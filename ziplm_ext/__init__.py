@@ -1,2 +1,25 @@
-"""ziplm_ext: inference-aware structured pruning (ZipLM) of transformer language models."""
+"""ziplm_ext: inference-aware structured pruning (ZipLM) of transformer language models.
+
+    family = ziplm_ext.prune(model, calibration, targets=[1.5, 2.0],
+                             env=ziplm_ext.InferenceEnv(device="cpu", batch_size=1, seq_len=128))
+    family.save("out/")
+    model = ziplm_ext.load_pruned("out/target_1.5x")
+"""
 __version__ = "0.1.0"
+
+from .latency_table import InferenceEnv, LatencyTable  # noqa: E402
+
+__all__ = ["InferenceEnv", "LatencyTable", "prune", "load_pruned", "PrunedFamily", "PrunedResult"]
+
+
+def __getattr__(name):
+    # Heavy modules (transformers, the native extension) load on first use.
+    if name in ("prune", "PrunedFamily", "PrunedResult"):
+        from . import pipeline as _prune
+
+        return getattr(_prune, name)
+    if name == "load_pruned":
+        from .export import load_pruned
+
+        return load_pruned
+    raise AttributeError(f"module 'ziplm_ext' has no attribute {name!r}")

@@ -58,8 +58,12 @@ def damped_inverse(H: torch.Tensor, damp: float = 0.01, max_tries: int = 8):
 
 
 def greedy_obs(W: torch.Tensor, H: torch.Tensor, group_size: int = 1, damp: float = 0.01,
-               block_size: int = 128) -> GreedyOBSResult:
-    """Naive greedy structured OBS: full rank-g updates of W and H⁻¹ after every removal."""
+               block_size: int = 128, *, max_steps: Optional[int] = None) -> GreedyOBSResult:
+    """Naive greedy structured OBS: full rank-g updates of W and H⁻¹ after every removal.
+
+    max_steps stops early (benchmarks time a prefix of the loop, whose per-step cost is constant);
+    the result then holds only that many steps.
+    """
     _check_float(W, "W")
     rows, cols = W.shape
     g = group_size
@@ -76,7 +80,8 @@ def greedy_obs(W: torch.Tensor, H: torch.Tensor, group_size: int = 1, damp: floa
     U = torch.empty(rows, S * g, dtype=W.dtype)
     R = torch.zeros(S * g, cols, dtype=W.dtype)
     eye = torch.eye(g, dtype=W.dtype)
-    for s in range(S):
+    steps = S if max_steps is None else min(S, max_steps)
+    for s in range(steps):
         # rho_M = tr(W_M B_M^-1 W_M^T) for every remaining group.
         Wg = W.reshape(rows, S, g).permute(1, 0, 2)                                   # (S, rows, g)
         B = torch.diagonal(Hinv.reshape(S, g, S, g), dim1=0, dim2=2).permute(2, 0, 1)  # (S, g, g)
@@ -98,7 +103,8 @@ def greedy_obs(W: torch.Tensor, H: torch.Tensor, group_size: int = 1, damp: floa
         step_loss[s] = (Un**2).sum()
         U[:, s * g:(s + 1) * g] = Un
         R[s * g:(s + 1) * g] = Gn.T
-    return GreedyOBSResult(order, step_loss.cumsum(0), U, R, W0, g, float(used.max()))
+    k = steps * g
+    return GreedyOBSResult(order[:steps], step_loss[:steps].cumsum(0), U[:, :k], R[:k], W0, g, float(used.max()))
 
 
 def __getattr__(name):

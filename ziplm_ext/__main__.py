@@ -1,0 +1,8 @@
+"""``python -m ziplm_ext`` == the ``ziplm`` console script."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

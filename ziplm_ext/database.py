@@ -1,0 +1,165 @@
+"""The per-layer OBS database: for every prunable layer, the full greedy removal order, the loss
+after each removal and the compact factors from which the weights at any level are rebuilt.
+
+On disk (``workdir/``) each layer is one ``.pt`` file written atomically, next to a manifest that
+fingerprints the model, the calibration data and the settings; an interrupted build resumes by
+skipping the layers already there. Every speedup target reuses the same database.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import ops
+from .adapters import get_adapter
+from .adapters.base import Adapter, PrunableLayer
+from .calibrate import CalibrationBatch, block_hessians
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerEntry:
+    layer: PrunableLayer
+    history: ops.GreedyOBSResult
+    dense_error: float        # ||X Wᵀ||² = tr(W H Wᵀ) of the dense layer
+    levels: list[int]         # candidate kept-structure counts, descending, full width first, 0 last
+    errors: list[float]       # relative reconstruction error at each level
+
+    def kept(self, count: int) -> list[int]:
+        """Sorted indices of the structures kept at `count` kept structures."""
+        return self.history.kept(self.layer.num_structures - count).tolist()
+
+    def relative_error(self, count: int) -> float:
+        k = self.layer.num_structures - count
+        return self.history.loss(k) / max(self.dense_error, 1e-30)
+
+
+def fingerprint(model, batches: Sequence[CalibrationBatch], damp: float) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for p in list(model.parameters())[:4] + list(model.parameters())[-2:]:
+        h.update(p.detach().float().sum().cpu().numpy().tobytes())
+    for b in batches:
+        h.update(b.input_ids.cpu().numpy().tobytes())
+        if b.attention_mask is not None:
+            h.update(b.attention_mask.cpu().numpy().tobytes())
+    h.update(f"{damp}:{FORMAT_VERSION}".encode())
+    return h.hexdigest()[:16]
+
+
+class ObsDatabase:
+    def __init__(self, entries: dict[str, LayerEntry], cache_size: int = 256):
+        self.entries = entries
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = cache_size
+
+    def __getitem__(self, name: str) -> LayerEntry:
+        return self.entries[name]
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def weights(self, name: str, count: int) -> torch.Tensor:
+        """Out-projection weights (out, in) with `count` structures kept (removed columns zero)."""
+        key = (name, count)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        e = self.entries[name]
+        W = e.history.weights(e.layer.num_structures - count)
+        self._cache[key] = W
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return W
+
+
+def _save_entry(path: Path, e: LayerEntry) -> None:
+    h = e.history
+    payload = dict(order=h.order, losses=h.losses, U=h.U, R=h.R, W0=h.W0, group_size=h.group_size, damp=h.damp,
+                   dense_error=e.dense_error, num_structures=e.layer.num_structures)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_entry(path: Path, layer: PrunableLayer, levels_fn) -> LayerEntry:
+    p = torch.load(path, weights_only=True)
+    if p["num_structures"] != layer.num_structures:
+        raise ValueError(f"database entry {path} does not match layer {layer.name}")
+    hist = ops.GreedyOBSResult(p["order"], p["losses"], p["U"], p["R"], p["W0"], p["group_size"], p["damp"])
+    return _entry(layer, hist, p["dense_error"], levels_fn)
+
+
+def _entry(layer: PrunableLayer, hist: ops.GreedyOBSResult, dense_error: float, levels_fn) -> LayerEntry:
+    levels = sorted(set(levels_fn(layer)) | {layer.num_structures, 0}, reverse=True)
+    e = LayerEntry(layer, hist, dense_error, levels, [])
+    e.errors = [e.relative_error(k) for k in levels]
+    return e
+
+
+def default_levels(layer: PrunableLayer, ffn_ratio: float = 0.9, ffn_min_frac: float = 0.01,
+                   ffn_multiple: int = 1) -> list[int]:
+    """Every head count for attention; a geometric grid of widths for the FFN (ZIPLM.md §3)."""
+    if layer.kind == "attn":
+        return list(range(layer.num_structures, -1, -1))
+    from .latency import ffn_levels
+
+    return ffn_levels(layer.num_structures, ratio=ffn_ratio, min_frac=ffn_min_frac, multiple=ffn_multiple)
+
+
+def build_database(model, batches: Sequence[CalibrationBatch], *, damp: float = 0.01,
+                   workdir: Optional[str | os.PathLike] = None, levels_fn: Callable = default_levels,
+                   progress: bool = True, block_size: int = 128) -> ObsDatabase:
+    """Calibrate block by block and run greedy OBS on every prunable layer (resumable)."""
+    adapter: Adapter = get_adapter(model)
+    layers = {l.name: l for l in adapter.prunable_layers(model)}
+    db_dir = None
+    if workdir is not None:
+        db_dir = Path(workdir) / "database"
+        db_dir.mkdir(parents=True, exist_ok=True)
+        manifest = db_dir / "manifest.json"
+        fp = fingerprint(model, batches, damp)
+        if manifest.exists():
+            old = json.loads(manifest.read_text())
+            if old.get("fingerprint") != fp:
+                raise ValueError(f"workdir {workdir} holds a database for another model, calibration set or damp; "
+                                 "use a fresh --workdir")
+        else:
+            manifest.write_text(json.dumps({"fingerprint": fp, "format_version": FORMAT_VERSION}))
+    entries: dict[str, LayerEntry] = {}
+    bar = tqdm(total=len(layers), desc="OBS database", unit="layer", disable=not progress)
+    for block, hessians, ntok in block_hessians(model, list(batches), adapter=adapter):
+        if ntok == 0:
+            raise ValueError("calibration data has no non-padding tokens")
+        for name, layer in layers.items():
+            if layer.block != block:
+                continue
+            path = db_dir / f"{name}.pt" if db_dir is not None else None
+            if path is not None and path.exists():
+                entries[name] = _load_entry(path, layer, levels_fn)
+            else:
+                H = hessians[name]
+                W = adapter.get_weight(model, layer).float()
+                hist = ops.greedy_obs(W, H, layer.group_size, damp=damp, block_size=block_size)
+                dense_error = float(torch.einsum("rc,cd,rd->", W.double(), H, W.double()))
+                entries[name] = _entry(layer, hist, dense_error, levels_fn)
+                if path is not None:
+                    _save_entry(path, entries[name])
+            bar.update(1)
+    bar.close()
+    return ObsDatabase(entries)

@@ -1,0 +1,476 @@
+"""One-shot ZipLM end to end: calibrate → OBS database → latency table → search → slice/export.
+
+    family = ziplm_ext.prune(model, calibration, targets=[1.5, 2.0],
+                             env=ziplm_ext.InferenceEnv(device="cpu", batch_size=1, seq_len=128))
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import get_adapter
+from .calibrate import CalibrationBatch, make_batches
+from .database import ObsDatabase, build_database
+from .latency_table import InferenceEnv, LatencyTable
+from .search import UnreachableTargetError, solve_dp, spdy_search, uniform_levels
+
+MIN_SPEEDUP_FRACTION = 0.97  # a delivered model must measure at least this fraction of its target
+
+
+@dataclass
+class PrunedResult:
+    target: float
+    model: nn.Module
+    levels: dict[str, int]                 # kept structures per layer name
+    predicted_speedup: float
+    measured_speedup: Optional[float]
+    calibration_loss: float
+    num_parameters: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return dict(target=self.target, levels=self.levels, predicted_speedup=self.predicted_speedup,
+                    measured_speedup=self.measured_speedup, calibration_loss=self.calibration_loss,
+                    num_parameters=self.num_parameters, metrics=self.metrics)
+
+
+@dataclass
+class PrunedFamily:
+    results: list[PrunedResult]
+    env: InferenceEnv
+    latency_table: LatencyTable
+    dense_calibration_loss: float
+    dense_num_parameters: int
+    dense_metrics: dict[str, float]
+    baselines: dict[str, list[dict]]
+    stage_seconds: dict[str, float]
+    model_name: str
+    tokenizer: object = None
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def __len__(self):
+        return len(self.results)
+
+    def __getitem__(self, i) -> PrunedResult:
+        return self.results[i]
+
+    def summary(self) -> dict:
+        return dict(model_name=self.model_name, env=self.env.to_dict(), dense_time=self.latency_table.dense_time,
+                    dense_calibration_loss=self.dense_calibration_loss, dense_num_parameters=self.dense_num_parameters,
+                    dense_metrics=self.dense_metrics, results=[r.summary() for r in self.results],
+                    baselines=self.baselines, stage_seconds=self.stage_seconds)
+
+    def save(self, directory) -> Path:
+        """Write ``target_<s>x/`` (one pruned model per target), ``latency_table.json`` and
+        ``family.json`` into `directory`, atomically: nothing is left behind on failure."""
+        from .export import save_pruned
+
+        target = Path(directory)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise OSError(f"output directory {target} exists and is not empty")
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        except OSError as exc:
+            raise OSError(f"cannot write output directory {target}: {exc.strerror or exc}") from None
+        try:
+            for r in self.results:
+                path = save_pruned(r.model, tmp / result_dirname(r.target), extra=r.summary())
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(path)
+            self.latency_table.save(tmp / "latency_table.json")
+            (tmp / "family.json").write_text(json.dumps(self.summary(), indent=2, default=float))
+            if target.exists():
+                target.rmdir()
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+
+def result_dirname(target: float) -> str:
+    return f"target_{target:g}x"
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _validate_targets(targets) -> list[float]:
+    if isinstance(targets, (int, float)):
+        targets = [targets]
+    targets = [float(t) for t in targets]
+    if not targets:
+        raise ValueError("no speedup targets given")
+    for t in targets:
+        if not math.isfinite(t) or t <= 1.0:
+            raise ValueError(f"speedup target must be > 1, got {t:g}")
+    return sorted(set(targets))
+
+
+def _calibration_tensor(calibration, tokenizer, env: InferenceEnv, num_blocks: int, seed: int, model) -> torch.Tensor:
+    if isinstance(calibration, torch.Tensor):
+        ids = calibration
+    else:
+        if tokenizer is None:
+            raise ValueError("calibration given as texts needs tokenizer=")
+        from .data import token_blocks
+        from .models import check_tokenizer
+
+        check_tokenizer(model, tokenizer)
+        ids = token_blocks(list(calibration), tokenizer, env.seq_len, num_blocks, seed=seed)
+    if ids.ndim != 2 or ids.numel() == 0:
+        raise ValueError(f"calibration must be a non-empty (N, seq) LongTensor, got shape {tuple(ids.shape)}")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise ValueError(f"calibration token ids out of range for the model's {vocab}-token vocabulary "
+                         "(tokenizer does not match the model?)")
+    return ids.long()
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------- stitched loss
+
+
+def is_causal_lm(model) -> bool:
+    return model.get_output_embeddings() is not None
+
+
+class StitchedLoss:
+    """Calibration loss of the model stitched from database levels, on cached inputs.
+
+    Causal LMs: mean token KL(dense ‖ stitched). Encoders: ‖h_s − h_d‖² / ‖h_d‖² of the last hidden
+    states over real tokens. The stitched model is one working copy whose out projections get the
+    database weights of each level (removed columns zero), which computes exactly what the sliced
+    model computes.
+    """
+
+    def __init__(self, dense: nn.Module, db: ObsDatabase, input_ids: torch.Tensor, batch_size: int = 8):
+        self.db = db
+        self.adapter = get_adapter(dense)
+        self.work = copy.deepcopy(dense).eval()
+        self.layers = {l.name: l for l in self.adapter.prunable_layers(self.work)}
+        self.ids = input_ids
+        self.bs = batch_size
+        self.causal = is_causal_lm(dense)
+        self.current: dict[str, int] = {}
+        with torch.no_grad():
+            self.reference = [self._forward(dense, b) for b in self._batches()]
+
+    def _batches(self):
+        return [self.ids[i:i + self.bs] for i in range(0, self.ids.shape[0], self.bs)]
+
+    def _forward(self, model, ids):
+        out = model(input_ids=ids)
+        if self.causal:
+            return torch.log_softmax(out.logits.float(), dim=-1)
+        return out.last_hidden_state.float()
+
+    def set_levels(self, levels: dict[str, int]) -> None:
+        for name, count in levels.items():
+            if self.current.get(name) != count:
+                self.adapter.set_weight(self.work, self.layers[name], self.db.weights(name, count))
+                self.current[name] = count
+
+    @torch.no_grad()
+    def __call__(self, levels: dict[str, int]) -> float:
+        self.set_levels(levels)
+        total, n = 0.0, 0
+        for ids, ref in zip(self._batches(), self.reference):
+            out = self._forward(self.work, ids)
+            if self.causal:
+                total += float(torch.sum(ref.exp() * (ref - out)))
+                n += ref.shape[0] * ref.shape[1]
+            else:
+                total += float(((out - ref) ** 2).sum() / (ref**2).sum()) * ids.shape[0]
+                n += ids.shape[0]
+        return total / n
+
+
+# ----------------------------------------------------------------------------- building models
+
+
+def build_pruned_model(dense: nn.Module, db: ObsDatabase, levels: dict[str, int]) -> nn.Module:
+    """A physically smaller copy of `dense` with the OBS-updated weights of each chosen level."""
+    model = copy.deepcopy(dense).eval()
+    adapter = get_adapter(model)
+    for layer in adapter.prunable_layers(model):
+        count = levels.get(layer.name, layer.num_structures)
+        if count == layer.num_structures:
+            continue
+        adapter.set_weight(model, layer, db.weights(layer.name, count))
+        adapter.slice(model, layer, db[layer.name].kept(count))
+    return model
+
+
+def build_magnitude_model(dense: nn.Module, levels: dict[str, int]) -> nn.Module:
+    """Baseline: keep the structures whose out-projection columns have the largest L2 norm, no update."""
+    model = copy.deepcopy(dense).eval()
+    adapter = get_adapter(model)
+    for layer in adapter.prunable_layers(model):
+        count = levels.get(layer.name, layer.num_structures)
+        if count == layer.num_structures:
+            continue
+        W = adapter.get_weight(model, layer).float()
+        norms = W.reshape(W.shape[0], layer.num_structures, layer.group_size).pow(2).sum(dim=(0, 2))
+        keep = sorted(torch.topk(norms, count).indices.tolist()) if count else []
+        adapter.slice(model, layer, keep)
+    return model
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def add_module_overheads(table: LatencyTable, model: nn.Module, env: InferenceEnv, rounds: int = 15) -> LatencyTable:
+    """Add each module's fixed cost to the native block timings.
+
+    The slice-timing ops time the block arithmetic only. A real module also pays a cost that does
+    not shrink with its width (framework dispatch, norms, rotary embeddings, residual adds) and
+    that vanishes only when the module is removed. We measure it end to end: the dense model
+    against copies with every attention (resp. FFN) module removed, interleaved; the saved time per
+    module minus its native full-width time is that kind's overhead, added to every kept count > 0.
+    """
+    from .latency import measure_speedups
+
+    adapter = get_adapter(model)
+    layers = adapter.prunable_layers(model)
+    kinds = sorted({l.kind for l in layers})
+    variants = []
+    for kind in kinds:
+        m = copy.deepcopy(model).eval()
+        for l in layers:
+            if l.kind == kind:
+                adapter.slice(m, l, [])
+        variants.append(m)
+    speedups = measure_speedups(model, variants, env, rounds=rounds)
+    layer_times = {n: dict(row) for n, row in table.layer_times.items()}
+    overheads = {}
+    for kind, s in zip(kinds, speedups):
+        mine = [l for l in layers if l.kind == kind]
+        real = table.dense_time * (1 - 1 / s) / len(mine)  # measured time of one full module
+        native = float(np.mean([table.layer_time(l.name, l.num_structures) for l in mine]))
+        overheads[kind] = max(0.0, real - native)
+        for l in mine:
+            for k in layer_times[l.name]:
+                if k > 0:
+                    layer_times[l.name][k] += overheads[kind]
+    prunable = sum(layer_times[l.name][l.num_structures] for l in layers)
+    if prunable > table.dense_time:  # noise: keep the table consistent, scale the overheads down
+        excess = (prunable - table.dense_time * 0.999) / len(layers)
+        for l in layers:
+            for k in layer_times[l.name]:
+                if k > 0:
+                    layer_times[l.name][k] = max(0.0, layer_times[l.name][k] - excess)
+        prunable = sum(layer_times[l.name][l.num_structures] for l in layers)
+    meta = dict(table.meta, module_overheads=overheads, module_removal_speedups=dict(zip(kinds, speedups)))
+    return LatencyTable(table.env, table.dense_time, prunable, layer_times, meta)
+
+
+# ----------------------------------------------------------------------------- search
+
+
+class _Problem:
+    """Per-layer candidate levels with their times and errors, for one latency table."""
+
+    def __init__(self, db: ObsDatabase, table: LatencyTable):
+        self.names = db.names()
+        self.counts = [db[n].levels for n in self.names]
+        self.errors = [np.asarray(db[n].errors) for n in self.names]
+        self.kinds = [db[n].layer.kind for n in self.names]
+        self.set_table(table)
+
+    def set_table(self, table: LatencyTable) -> None:
+        self.table = table
+        self.times = [np.asarray([table.layer_time(n, c) for c in cs]) for n, cs in zip(self.names, self.counts)]
+
+    def to_levels(self, idx: Sequence[int]) -> dict[str, int]:
+        return {n: int(cs[i]) for n, cs, i in zip(self.names, self.counts, idx)}
+
+    def budget(self, target: float) -> float:
+        return self.table.budget(target)
+
+
+def search_target(problem: _Problem, target: float, loss: StitchedLoss, *, evaluations: int, seed: int,
+                  progress: bool) -> tuple[dict[str, int], float, dict]:
+    budget = problem.budget(target)
+    uniform = uniform_levels(problem.counts, problem.times, budget, problem.kinds)
+    bar = tqdm(total=evaluations, desc=f"SPDY {target:g}x", disable=not progress, leave=False)
+
+    def evaluate(idx):
+        return loss(problem.to_levels(idx))
+
+    def tick(i, total, best):
+        bar.total = total
+        bar.n = i
+        bar.set_postfix(best=f"{best:.4g}")
+        bar.refresh()
+
+    n_random = max(1, evaluations // 5)
+    res = spdy_search(problem.errors, problem.times, budget, evaluate, num_random=n_random,
+                      num_mutation_rounds=max(0, evaluations - n_random - 1), seed=seed,
+                      init_weights=[np.ones(len(problem.names))], seed_solutions=[uniform],
+                      buckets=2000, progress=tick)
+    bar.close()
+    info = dict(evaluations=res.num_evaluations, proposals=res.num_proposals, from_uniform_seed=res.from_seed,
+                uniform_loss=res.history[0] if res.history else None)
+    return problem.to_levels(res.levels), res.loss, info
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = None, *, tokenizer=None,
+          num_calibration_blocks: int = 32, loss_blocks: int = 8, method: str = "ziplm", damp: float = 0.01,
+          spdy_evaluations: int = 200, workdir=None, seed: int = 0, progress: bool = True,
+          baselines: Sequence[str] = (), eval_data=None, latency_table: Optional[LatencyTable] = None,
+          latency_reps: int = 30, measure_rounds: int = 15, max_corrections: int = 2,
+          model_name: Optional[str] = None) -> PrunedFamily:
+    """Produce one physically smaller model per speedup target, each measured in `env`.
+
+    calibration: LongTensor (N, seq) of token ids, or a list of texts with ``tokenizer=``.
+    targets: speedups over the dense model (> 1), measured end to end in `env`.
+    baselines: any of "uniform" (same width fraction everywhere, OBS updates) and "magnitude"
+    (same widths, L2-norm selection, no updates), built and measured like the ZipLM models.
+    eval_data: held-out data for metrics: a LongTensor of token ids (perplexity, causal LMs) or a
+    tuple (input_ids, attention_mask) of sentences (embedding cosine to the dense model, encoders).
+    """
+    if method != "ziplm":
+        raise ValueError(f"unknown method {method!r}: one-shot pruning supports method='ziplm'")
+    env = env or InferenceEnv()
+    targets = _validate_targets(targets)
+    for b in baselines:
+        if b not in ("uniform", "magnitude"):
+            raise ValueError(f"unknown baseline {b!r} (choose from uniform, magnitude)")
+    adapter = get_adapter(model)  # unsupported architectures fail here, before any work
+    model.eval()
+    ids = _calibration_tensor(calibration, tokenizer, env, num_calibration_blocks, seed, model)
+    if ids.shape[0] < 2:
+        raise ValueError(f"calibration data too small: {ids.shape[0]} sequence(s), need at least 2")
+    torch.manual_seed(seed)
+    stages: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    if latency_table is None:
+        from .latency import build_latency_table
+
+        levels = None  # the latency module's default grid matches database.default_levels
+        latency_table = build_latency_table(model, env, levels, reps=latency_reps, progress=progress)
+        latency_table = add_module_overheads(latency_table, model, env, rounds=measure_rounds)
+    else:
+        latency_table.check_env(env)
+    stages["latency"] = time.perf_counter() - t0
+    max_s = latency_table.max_speedup()
+    unreachable = [t for t in targets if t > max_s]
+    if unreachable:
+        raise UnreachableTargetError(
+            f"target(s) {', '.join(f'{t:g}x' for t in unreachable)} unreachable: the most this model can gain in "
+            f"this environment is {max_s:.2f}x (every prunable module removed)")
+
+    t0 = time.perf_counter()
+    batches = make_batches(ids, None, batch_size=8)
+    db = build_database(model, batches, damp=damp, workdir=workdir, progress=progress)
+    stages["database"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    loss = StitchedLoss(model, db, ids[:loss_blocks])
+    problem = _Problem(db, latency_table)
+    dense_loss = loss({n: db[n].layer.num_structures for n in db.names()})
+    chosen: dict[float, tuple] = {}
+    for t in targets:
+        chosen[t] = search_target(problem, t, loss, evaluations=spdy_evaluations, seed=seed, progress=progress)
+    stages["search"] = time.perf_counter() - t0
+
+    # Build, measure end to end (interleaved), and re-solve targets the measurement says were missed.
+    t0 = time.perf_counter()
+    from .latency import calibrate_table, measure_speedups
+
+    models = {t: build_pruned_model(model, db, chosen[t][0]) for t in targets}
+    measured = dict(zip(targets, measure_speedups(model, [models[t] for t in targets], env, rounds=measure_rounds)))
+    for _ in range(max_corrections):
+        missed = [t for t in targets if measured[t] < MIN_SPEEDUP_FRACTION * t]
+        if not missed:
+            break
+        table = calibrate_table(problem.table, [(chosen[t][0], measured[t]) for t in targets])
+        problem.set_table(table)
+        for t in missed:
+            try:
+                chosen[t] = search_target(problem, t, loss, evaluations=spdy_evaluations // 2, seed=seed + 1,
+                                          progress=progress)
+            except UnreachableTargetError:
+                continue
+            models[t] = build_pruned_model(model, db, chosen[t][0])
+        measured.update(zip(missed, measure_speedups(model, [models[t] for t in missed], env, rounds=measure_rounds)))
+    stages["measure"] = time.perf_counter() - t0
+
+    results = [PrunedResult(t, models[t], chosen[t][0], problem.table.predict_speedup(chosen[t][0]), measured[t],
+                            chosen[t][1], num_parameters(models[t])) for t in targets]
+    missed = [r for r in results if r.measured_speedup < MIN_SPEEDUP_FRACTION * r.target]
+    if missed:
+        msg = "; ".join(f"{r.target:g}x measured {r.measured_speedup:.2f}x" for r in missed)
+        raise UnreachableTargetError(f"could not meet target(s) after {max_corrections} table corrections: {msg} "
+                                     f"(table maximum {problem.table.max_speedup():.2f}x)")
+
+    t0 = time.perf_counter()
+    base = _baselines(model, db, problem, loss, targets, baselines, env, measure_rounds)
+    stages["baselines"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    dense_metrics = {}
+    if eval_data is not None:
+        from .evaluate import evaluate_model
+
+        dense_metrics = evaluate_model(model, model, eval_data)
+        for r in results:
+            r.metrics = evaluate_model(r.model, model, eval_data)
+        for rows in base.values():
+            for row in rows:
+                row["metrics"] = evaluate_model(row.pop("model"), model, eval_data)
+    for rows in base.values():
+        for row in rows:
+            row.pop("model", None)
+    stages["evaluation"] = time.perf_counter() - t0
+    name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return PrunedFamily(results, env, problem.table, dense_loss, num_parameters(model), dense_metrics, base, stages,
+                        name, tokenizer)
+
+
+def _baselines(model, db, problem: _Problem, loss: StitchedLoss, targets, kinds, env, rounds) -> dict[str, list]:
+    out: dict[str, list] = {}
+    if not kinds:
+        return out
+    from .latency import measure_speedups
+
+    built = []
+    for t in targets:
+        try:
+            levels = problem.to_levels(uniform_levels(problem.counts, problem.times, problem.budget(t), problem.kinds))
+        except UnreachableTargetError:
+            continue
+        for kind in kinds:
+            m = build_pruned_model(model, db, levels) if kind == "uniform" else build_magnitude_model(model, levels)
+            cal = loss(levels) if kind == "uniform" else None
+            built.append((kind, dict(target=t, levels=levels, predicted_speedup=problem.table.predict_speedup(levels),
+                                     calibration_loss=cal, num_parameters=num_parameters(m), model=m)))
+    speeds = measure_speedups(model, [row["model"] for _, row in built], env, rounds=rounds)
+    for (kind, row), s in zip(built, speeds):
+        row["measured_speedup"] = s
+        out.setdefault(kind, []).append(row)
+    return out
