@@ -68,7 +68,7 @@ def extensions():
     if build_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = ZIPLM_DEFAULT_ARCHS
-        nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = (["-O0", "-g"] if flag("ZIPLM_DEBUG") else ["-O3"]) + ["--expt-relaxed-constexpr", "-lineinfo"]
         return [CUDAExtension("ziplm_ext._C", cpu_src + cuda_src, define_macros=[("ZIPLM_WITH_CUDA", None)],
                               extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])]
     return [CppExtension("ziplm_ext._C", cpu_src, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]

@@ -1,0 +1,235 @@
+"""Tests of ziplm_ext.latency: building, measuring and calibrating latency tables (small, fast)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from ziplm_ext.adapters import get_adapter
+from ziplm_ext.latency import (
+    build_latency_table,
+    calibrate_table,
+    default_levels,
+    ffn_levels,
+    measure_model_time,
+    measure_speedups,
+    model_shapes,
+)
+from ziplm_ext.latency_table import InferenceEnv, LatencyTable
+
+ENV = InferenceEnv(device="cpu", dtype="float32", batch_size=1, seq_len=32, mode="prefill")
+FAST = dict(reps=5, warmup=1, rounds=1, model_reps=3, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    # the native timing ops may be absent in a stale build: build_latency_table then warns
+    # and falls back to the Python oracles; both must satisfy these tests.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def tiny_llama(hidden=64, heads=4, kv=2, d_ff=128, layers=2, vocab=64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=d_ff, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(n_embd=64, n_head=4, n_inner=None, layers=2, vocab=64):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=n_embd, n_head=n_head, n_inner=n_inner, n_layer=layers, n_positions=128,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(hidden=64, heads=4, d_ff=128, layers=2, vocab=64):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=heads, intermediate_size=d_ff,
+                     num_hidden_layers=layers, max_position_embeddings=128)
+    return BertModel(cfg).eval()
+
+
+# ------------------------------------------------------------------------------- shapes
+
+
+def test_model_shapes_from_configs():
+    s = model_shapes(tiny_llama().config)
+    assert (s.hidden, s.num_heads, s.num_kv_heads, s.head_dim, s.d_ff) == (64, 4, 2, 16, 128)
+    assert s.q_per_structure == 2 and s.num_attn_structures == 2 and s.gated and s.causal
+    g = model_shapes(tiny_gpt2().config)
+    assert (g.hidden, g.num_heads, g.num_kv_heads, g.head_dim, g.d_ff) == (64, 4, 4, 16, 256)  # n_inner None -> 4d
+    assert g.q_per_structure == 1 and not g.gated and g.causal
+    b = model_shapes(tiny_bert().config)
+    assert (b.num_heads, b.num_kv_heads, b.d_ff) == (4, 4, 128) and not b.gated and not b.causal
+
+
+# ------------------------------------------------------------------------------- levels
+
+
+def test_ffn_levels_grid():
+    lv = ffn_levels(1000)
+    assert lv == sorted(set(lv)) and lv[0] == 0 and lv[-1] == 1000
+    nz = lv[1:]
+    assert 5 <= nz[0] <= 15  # down to ~1%
+    for a, b in zip(nz, nz[1:]):
+        assert b / a <= 1 / 0.9 + 0.15  # geometric with ratio 0.9 (up to rounding)
+    assert 900 in lv and 810 in lv
+    lv32 = ffn_levels(1000, multiple=32)
+    assert lv32[0] == 0 and lv32[-1] == 1000
+    assert all(k % 32 == 0 for k in lv32[1:-1]) and lv32[1] == 32
+    assert ffn_levels(1) == [0, 1]
+    assert ffn_levels(100, ratio=0.5, min_frac=0.1) == [0, 12, 25, 50, 100]
+    with pytest.raises(ValueError):
+        ffn_levels(0)
+    with pytest.raises(ValueError):
+        ffn_levels(10, ratio=1.0)
+
+
+def test_default_levels():
+    m = tiny_llama()
+    lv = default_levels(m)
+    assert lv["blocks.0.attn"] == [0, 1, 2]  # 2 KV groups
+    assert lv["blocks.1.ffn"] == ffn_levels(128)
+
+
+# ------------------------------------------------------------------------------- tables
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2, tiny_bert], ids=["llama", "gpt2", "bert"])
+def test_build_table_every_layer_and_level(make, tmp_path):
+    m = make()
+    ad = get_adapter(m)
+    t = build_latency_table(m, ENV, **FAST)
+    layers = ad.prunable_layers(m)
+    assert set(t.layer_times) == {l.name for l in layers}
+    want = default_levels(m)
+    for l in layers:
+        row = t.layer_times[l.name]
+        assert sorted(row) == want[l.name]
+        assert row[0] == 0.0
+        assert all(v > 0 for k, v in row.items() if k > 0)
+        assert t.full_count(l.name) == l.num_structures
+    # identical blocks share one timing per (kind, level)
+    assert t.layer_times["blocks.0.ffn"] == t.layer_times["blocks.1.ffn"]
+    assert t.dense_time > 0 and 0 < t.prunable_time <= t.dense_time
+    assert t.env == ENV
+    for key in ("torch_version", "host", "reps", "date", "spread", "timer"):
+        assert key in t.meta
+    assert set(t.meta["spread"]) == {"attn", "ffn"}
+    p = tmp_path / "table.json"
+    t.save(p)
+    t2 = LatencyTable.load(p)
+    assert t2.layer_times == t.layer_times and t2.dense_time == t.dense_time and t2.env == t.env
+    assert t2.meta == t.meta
+    assert t2.predict_speedup({}) == pytest.approx(1.0)
+
+
+def test_explicit_levels_and_rough_monotonicity():
+    m = tiny_llama(hidden=128, heads=8, kv=4, d_ff=1024, layers=1, vocab=32)
+    lv = {"blocks.0.ffn": [256], "blocks.0.attn": [1]}
+    t = build_latency_table(m, ENV, lv, reps=15, warmup=2, rounds=3, model_reps=3, progress=False)
+    ffn, attn = t.layer_times["blocks.0.ffn"], t.layer_times["blocks.0.attn"]
+    assert sorted(ffn) == [0, 256, 1024]  # 0 and full width added
+    assert sorted(attn) == [0, 1, 4]
+    assert ffn[1024] > ffn[256] > 0.0
+    assert attn[4] > 0.0 and attn[1] > 0.0
+    with pytest.raises(KeyError):
+        build_latency_table(m, ENV, {"blocks.9.ffn": [1]}, **FAST)
+    with pytest.raises(ValueError):
+        build_latency_table(m, ENV, {"blocks.0.ffn": [2000]}, **FAST)
+
+
+def test_decode_mode_raises_clearly():
+    m = tiny_gpt2()
+    env = InferenceEnv(batch_size=1, seq_len=32, mode="decode")
+    with pytest.raises(NotImplementedError, match="decode-mode latency tables are not implemented"):
+        build_latency_table(m, env, **FAST)
+    with pytest.raises(NotImplementedError, match="decode"):
+        measure_model_time(m, env)
+
+
+def test_env_mismatch_raises():
+    m = tiny_gpt2()
+    with pytest.raises(ValueError, match="dtype"):
+        measure_model_time(m, InferenceEnv(dtype="bfloat16", seq_len=8))
+
+
+# ------------------------------------------------------------------------- end to end
+
+
+def test_measure_model_time_positive_and_restores_mode():
+    m = tiny_bert()
+    m.train()
+    t = measure_model_time(m, ENV, reps=3, warmup=1)
+    assert t > 0 and math.isfinite(t)
+    assert m.training
+
+
+def test_measure_speedups_self_and_ffn_removed():
+    import copy
+
+    dense = tiny_gpt2(n_embd=128, n_head=4, n_inner=2048, layers=2, vocab=32)
+    same = copy.deepcopy(dense)
+    noffn = copy.deepcopy(dense)
+    ad = get_adapter(noffn)
+    for l in ad.prunable_layers(noffn):
+        if l.kind == "ffn":
+            ad.slice(noffn, l, [])
+    s_same, s_noffn = measure_speedups(dense, [same, noffn], ENV, rounds=12, reps_per_round=3)
+    assert 0.5 < s_same < 2.0
+    assert s_noffn > 1.2
+
+
+# ------------------------------------------------------------------------- calibration
+
+
+def _synthetic_table():
+    lt = {f"blocks.{i}.{k}": ({0: 0.0, 1: 0.4, 2: 0.8, 4: 1.0} if k == "attn" else {0: 0.0, 50: 0.7, 100: 2.0})
+          for i in range(2) for k in ("attn", "ffn")}
+    return LatencyTable(env=ENV, dense_time=10.0, prunable_time=6.0, layer_times=lt)
+
+
+def test_calibrate_recovers_known_scale():
+    t = _synthetic_table()
+    a = 0.8
+    configs = [
+        {"blocks.0.ffn": 50, "blocks.1.ffn": 50},
+        {"blocks.0.attn": 1, "blocks.1.ffn": 0},
+        {"blocks.0.attn": 0, "blocks.1.attn": 2, "blocks.0.ffn": 0, "blocks.1.ffn": 50},
+    ]
+    measured = []
+    for lv in configs:
+        saving = t.prunable_time - (t.predict_time(lv) - t.unprunable_time)
+        measured.append((lv, t.dense_time / (t.dense_time - a * saving)))
+    c = calibrate_table(t, measured)
+    assert c.meta["calibration"]["scale"] == pytest.approx(a, rel=1e-9)
+    assert c.dense_time == t.dense_time
+    assert c.prunable_time == pytest.approx(a * t.prunable_time)
+    for lv, s in measured:
+        assert c.predict_speedup(lv) == pytest.approx(s, rel=1e-9)
+    assert max(abs(e) for e in c.meta["calibration"]["rel_time_error_after"]) < 1e-9
+    assert max(abs(e) for e in c.meta["calibration"]["rel_time_error_before"]) > 1e-3
+    assert t.meta == {}  # input untouched
+    # a noisy fit is least squares: close to a
+    noisy = [(lv, s * (1 + (-1) ** i * 0.005)) for i, (lv, s) in enumerate(measured)]
+    assert calibrate_table(t, noisy).meta["calibration"]["scale"] == pytest.approx(a, rel=0.1)
+
+
+def test_calibrate_clamps_and_rejects():
+    t = _synthetic_table()
+    # measured far faster than possible: a would exceed dense/prunable -> clamped
+    c = calibrate_table(t, [({"blocks.0.ffn": 0}, 5.0)])
+    assert c.prunable_time <= c.dense_time
+    with pytest.raises(ValueError):
+        calibrate_table(t, [])
+    with pytest.raises(ValueError):
+        calibrate_table(t, [({}, 1.0)])

@@ -1,0 +1,284 @@
+"""Latency of structured slices of a transformer layer: one attention block, one FFN block.
+
+ZipLM prunes whole attention heads and FFN columns, and picks per-layer sparsities from a
+table of measured latencies. The timings come from the native ops ``torch.ops.ziplm.time_attention``
+and ``torch.ops.ziplm.time_ffn`` (csrc/cpu/slice_timing.cpp, csrc/cuda/slice_timing.cu), whose
+timed loop runs entirely in C++: ``std::chrono::steady_clock`` per repetition on CPU, one CUDA
+event pair per repetition on the current stream on CUDA.
+
+Weights are in ``nn.Linear`` layout ``(out_features, in_features)``; no biases.
+
+Attention block, ``x`` of shape ``(B, T, d)``:
+    ``wq (nq*head_dim, d)``, ``wk, wv (nkv*head_dim, d)``, ``wo (d, nq*head_dim)``.
+    q, k, v projections -> heads ``(B, h, T, head_dim)`` -> k, v repeated ``nq // nkv`` times
+    (grouped-query attention: query head ``i`` reads kv head ``i // (nq // nkv)``, as HF ``repeat_kv``)
+    -> scaled-dot-product attention (scale ``1/sqrt(head_dim)``, optional causal mask)
+    -> merge heads -> output projection. ``nq == 0`` means the block is removed (nothing runs).
+
+FFN block:
+    ``w_up (m, d)``, optional ``w_gate (m, d)``, ``w_down (d, m)``.
+    gated (LLaMA): ``down(silu(gate(x)) * up(x))``; ungated (BERT/GPT-2): ``down(gelu(up(x)))``
+    with the exact (erf) GELU. ``m == 0`` means the block is removed (nothing runs).
+
+Besides the wrappers this module holds pure-PyTorch oracles (``reference_time_*``, timing the
+same maths with a ``time.perf_counter`` loop) and ``*_block_reference`` functions that compute the
+block outputs, so the maths of the timed blocks can be tested.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Timing",
+    "time_attention",
+    "time_ffn",
+    "reference_time_attention",
+    "reference_time_ffn",
+    "attention_block_reference",
+    "ffn_block_reference",
+]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of per-repetition latencies of one block.
+
+    Attributes:
+        median: median seconds per repetition.
+        spread: relative spread ``(p90 - p10) / median`` of the per-repetition times, a
+            dimensionless noise measure (0 = perfectly stable; 0.1 = the middle 80% of
+            repetitions lie within 10% of the median's size). ``nan`` when the median is 0
+            (e.g. a removed block timed by a coarse clock).
+        times: the raw per-repetition seconds, float64 on CPU, length ``reps``.
+    """
+
+    median: float
+    spread: float
+    times: torch.Tensor
+
+    @classmethod
+    def from_times(cls, times: torch.Tensor) -> "Timing":
+        """Summarise a 1-D tensor of per-repetition seconds."""
+        t = times.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+        if t.numel() == 0:
+            raise ValueError("ziplm: no timings to summarise")
+        p10, median, p90 = (float(v) for v in t.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)))
+        spread = (p90 - p10) / median if median > 0 else math.nan
+        return cls(median=median, spread=spread, times=t)
+
+
+def _native():
+    """The ``torch.ops.ziplm`` namespace, after loading the compiled extension.
+
+    Imported lazily so that importing this module never fails; a missing build fails here with a
+    clear message instead of an opaque "no such operator".
+    """
+    try:
+        importlib.import_module("ziplm_ext._C")
+    except ImportError as e:
+        raise RuntimeError(
+            "ziplm_ext: the native extension ziplm_ext._C is not built or failed to load "
+            f"({e}); reinstall with `pip install --no-build-isolation .` (torch installed first)"
+        ) from e
+    return torch.ops.ziplm
+
+
+def time_attention(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    wo: torch.Tensor,
+    head_dim: int,
+    causal: bool = True,
+    warmup: int = 3,
+    reps: int = 20,
+) -> Timing:
+    """Time one attention block with the native op (see the module docstring for the maths).
+
+    Args:
+        x: ``(B, T, d)`` input on the target device and dtype; all weights must match it.
+        wq: ``(nq*head_dim, d)``; ``nq == 0`` times a removed block (doing nothing).
+        wk, wv: ``(nkv*head_dim, d)``; ``nq`` must be a multiple of ``nkv``.
+        wo: ``(d, nq*head_dim)``.
+        head_dim: size of one head (> 0).
+        causal: apply a causal mask in the attention.
+        warmup: untimed repetitions first (>= 0).
+        reps: timed repetitions (>= 1).
+
+    Returns:
+        Timing of the ``reps`` repetitions.
+
+    Raises:
+        ValueError: inconsistent shapes, dtypes or devices, or bad counts.
+        RuntimeError: the native extension is not built.
+    """
+    times = _native().time_attention(x, wq, wk, wv, wo, int(head_dim), bool(causal), int(warmup), int(reps))
+    return Timing.from_times(times)
+
+
+def time_ffn(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_gate: Optional[torch.Tensor],
+    w_down: torch.Tensor,
+    warmup: int = 3,
+    reps: int = 20,
+) -> Timing:
+    """Time one FFN block with the native op (see the module docstring for the maths).
+
+    Args:
+        x: ``(B, T, d)`` input on the target device and dtype; all weights must match it.
+        w_up: ``(m, d)``; ``m == 0`` times a removed block (doing nothing).
+        w_gate: ``(m, d)`` for a gated SiLU FFN (LLaMA), or ``None`` for a GELU FFN (BERT/GPT-2).
+        w_down: ``(d, m)``.
+        warmup: untimed repetitions first (>= 0).
+        reps: timed repetitions (>= 1).
+
+    Returns:
+        Timing of the ``reps`` repetitions.
+
+    Raises:
+        ValueError: inconsistent shapes, dtypes or devices, or bad counts.
+        RuntimeError: the native extension is not built.
+    """
+    times = _native().time_ffn(x, w_up, w_gate, w_down, int(warmup), int(reps))
+    return Timing.from_times(times)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-PyTorch reference: the same maths as csrc/slice_timing_block.h.
+
+
+def _check_counts(warmup: int, reps: int) -> None:
+    if reps < 1:
+        raise ValueError(f"ziplm: reps must be >= 1, got {reps}")
+    if warmup < 0:
+        raise ValueError(f"ziplm: warmup must be >= 0, got {warmup}")
+
+
+def _attention_heads(wq: torch.Tensor, wk: torch.Tensor, head_dim: int) -> tuple[int, int]:
+    if head_dim <= 0:
+        raise ValueError(f"ziplm: head_dim must be > 0, got {head_dim}")
+    if wq.shape[0] % head_dim or wk.shape[0] % head_dim:
+        raise ValueError(f"ziplm: wq/wk rows {wq.shape[0]}/{wk.shape[0]} are not multiples of head_dim {head_dim}")
+    nq, nkv = wq.shape[0] // head_dim, wk.shape[0] // head_dim
+    if nq and (nkv == 0 or nq % nkv):
+        raise ValueError(f"ziplm: nq = {nq} query heads must be a multiple of nkv = {nkv} key/value heads")
+    return nq, nkv
+
+
+def _attention_forward(x, wq, wk, wv, wo, head_dim: int, nq: int, nkv: int, causal: bool) -> Optional[torch.Tensor]:
+    if nq == 0:
+        return None
+    B, T, _ = x.shape
+
+    def heads(y: torch.Tensor, h: int) -> torch.Tensor:
+        return y.view(B, T, h, head_dim).transpose(1, 2)
+
+    q = heads(F.linear(x, wq), nq)
+    k = heads(F.linear(x, wk), nkv)
+    v = heads(F.linear(x, wv), nkv)
+    if nkv != nq:
+        k = k.repeat_interleave(nq // nkv, dim=1)
+        v = v.repeat_interleave(nq // nkv, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return F.linear(o.transpose(1, 2).reshape(B, T, nq * head_dim), wo)
+
+
+def _ffn_forward(x, w_up, w_gate, w_down) -> Optional[torch.Tensor]:
+    if w_up.shape[0] == 0:
+        return None
+    if w_gate is not None:
+        return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+    return F.linear(F.gelu(F.linear(x, w_up)), w_down)
+
+
+def attention_block_reference(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    wo: torch.Tensor,
+    head_dim: int,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Output ``(B, T, d)`` of the attention block that ``time_attention`` times.
+
+    A removed block (``nq == 0``) contributes nothing to the residual stream: returns zeros.
+    """
+    nq, nkv = _attention_heads(wq, wk, head_dim)
+    with torch.no_grad():
+        y = _attention_forward(x, wq, wk, wv, wo, head_dim, nq, nkv, causal)
+    return torch.zeros_like(x) if y is None else y
+
+
+def ffn_block_reference(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_gate: Optional[torch.Tensor],
+    w_down: torch.Tensor,
+) -> torch.Tensor:
+    """Output ``(B, T, d)`` of the FFN block that ``time_ffn`` times (zeros when ``m == 0``)."""
+    with torch.no_grad():
+        y = _ffn_forward(x, w_up, w_gate, w_down)
+    return torch.zeros_like(x) if y is None else y
+
+
+def _perf_counter_loop(device: torch.device, warmup: int, reps: int, block: Callable[[], object]) -> torch.Tensor:
+    _check_counts(warmup, reps)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = torch.empty(reps, dtype=torch.float64)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            block()
+        sync()
+        for i in range(reps):
+            t0 = time.perf_counter()
+            block()
+            sync()
+            times[i] = time.perf_counter() - t0
+    return times
+
+
+def reference_time_attention(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    wo: torch.Tensor,
+    head_dim: int,
+    causal: bool = True,
+    warmup: int = 3,
+    reps: int = 20,
+) -> torch.Tensor:
+    """Oracle for ``time_attention``: a Python ``time.perf_counter`` loop over the same block.
+
+    Returns the raw per-repetition seconds (float64, CPU, length ``reps``). On CUDA each
+    repetition ends with ``torch.cuda.synchronize()``, so it includes launch overhead.
+    """
+    nq, nkv = _attention_heads(wq, wk, head_dim)
+    return _perf_counter_loop(x.device, warmup, reps,
+                              lambda: _attention_forward(x, wq, wk, wv, wo, head_dim, nq, nkv, causal))
+
+
+def reference_time_ffn(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_gate: Optional[torch.Tensor],
+    w_down: torch.Tensor,
+    warmup: int = 3,
+    reps: int = 20,
+) -> torch.Tensor:
+    """Oracle for ``time_ffn``: a Python ``time.perf_counter`` loop over the same block.
+
+    Returns the raw per-repetition seconds (float64, CPU, length ``reps``).
+    """
+    return _perf_counter_loop(x.device, warmup, reps, lambda: _ffn_forward(x, w_up, w_gate, w_down))
