@@ -28,6 +28,7 @@ from .latency_table import InferenceEnv, LatencyTable
 from .search import UnreachableTargetError, solve_dp, spdy_search, uniform_levels
 
 MIN_SPEEDUP_FRACTION = 0.97  # a delivered model must measure at least this fraction of its target
+MAX_OVERSHOOT = 1.10         # beyond this the model was pruned more than needed: re-fit and re-solve
 
 
 @dataclass
@@ -402,31 +403,41 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
     t0 = time.perf_counter()
     from .latency import calibrate_table, measure_speedups
 
-    models = {t: build_pruned_model(model, db, chosen[t][0]) for t in targets}
-    measured = dict(zip(targets, measure_speedups(model, [models[t] for t in targets], env, rounds=measure_rounds)))
-    for _ in range(max_corrections):
-        missed = [t for t in targets if measured[t] < MIN_SPEEDUP_FRACTION * t]
-        if not missed:
+    # Every candidate is measured end to end; the table is re-fitted to all measurements so far and
+    # targets that were missed (or overshot, which wastes accuracy) are re-solved.
+    candidates: dict[float, list] = {t: [] for t in targets}  # (levels, loss, model, measured)
+    observations = []
+    todo = list(targets)
+    for round_ in range(max_corrections + 1):
+        built = {t: build_pruned_model(model, db, chosen[t][0]) for t in todo}
+        speeds = measure_speedups(model, [built[t] for t in todo], env, rounds=measure_rounds)
+        for t, sp in zip(todo, speeds):
+            candidates[t].append((chosen[t][0], chosen[t][1], built[t], sp))
+            observations.append((chosen[t][0], sp))
+        todo = [t for t in todo if not (MIN_SPEEDUP_FRACTION * t <= candidates[t][-1][3] <= MAX_OVERSHOOT * t)]
+        if not todo or round_ == max_corrections:
             break
-        table = calibrate_table(problem.table, [(chosen[t][0], measured[t]) for t in targets])
-        problem.set_table(table)
-        for t in missed:
+        problem.set_table(calibrate_table(problem.table, observations))
+        for t in list(todo):
             try:
-                chosen[t] = search_target(problem, t, loss, evaluations=spdy_evaluations // 2, seed=seed + 1,
-                                          progress=progress)
+                chosen[t] = search_target(problem, t, loss, evaluations=max(20, spdy_evaluations // 2),
+                                          seed=seed + round_ + 1, progress=progress)
             except UnreachableTargetError:
-                continue
-            models[t] = build_pruned_model(model, db, chosen[t][0])
-        measured.update(zip(missed, measure_speedups(model, [models[t] for t in missed], env, rounds=measure_rounds)))
+                todo.remove(t)
     stages["measure"] = time.perf_counter() - t0
 
-    results = [PrunedResult(t, models[t], chosen[t][0], problem.table.predict_speedup(chosen[t][0]), measured[t],
-                            chosen[t][1], num_parameters(models[t])) for t in targets]
-    missed = [r for r in results if r.measured_speedup < MIN_SPEEDUP_FRACTION * r.target]
+    results, missed = [], []
+    for t in targets:
+        ok = [c for c in candidates[t] if c[3] >= MIN_SPEEDUP_FRACTION * t]
+        if not ok:
+            missed.append(f"{t:g}x measured {max(c[3] for c in candidates[t]):.2f}x")
+            continue
+        levels, cal, m, sp = min(ok, key=lambda c: c[1])  # the most accurate candidate that meets the target
+        results.append(PrunedResult(t, m, levels, problem.table.predict_speedup(levels), sp, cal, num_parameters(m)))
     if missed:
-        msg = "; ".join(f"{r.target:g}x measured {r.measured_speedup:.2f}x" for r in missed)
-        raise UnreachableTargetError(f"could not meet target(s) after {max_corrections} table corrections: {msg} "
-                                     f"(table maximum {problem.table.max_speedup():.2f}x)")
+        raise UnreachableTargetError(f"could not meet target(s) after {max_corrections} table corrections: "
+                                     f"{'; '.join(missed)} (table maximum {problem.table.max_speedup():.2f}x)")
+    del candidates
 
     t0 = time.perf_counter()
     base = _baselines(model, db, problem, loss, targets, baselines, env, measure_rounds)
