@@ -1,6 +1,8 @@
 // Named argument checks at the op boundary: every failure is one clear line.
 #pragma once
-#include <torch/extension.h>
+// ATen and the op registry only: no Python/pybind11 headers (ops.cpp alone includes those).
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #define ZIPLM_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "ziplm: ", __VA_ARGS__)
 #define ZIPLM_CHECK_FLOAT(t, name)                                              \

@@ -29,14 +29,6 @@ inline void check_hessian(const at::Tensor& H, const char* name) {
               " has a negative diagonal entry: not a Hessian X^T X (not SPD)");
 }
 
-// (L L^T)^-1 = L^-T L^-1 via a triangular solve and one GEMM: MKL's potri (cholesky_inverse)
-// is several times slower than this for float32 on CPU.
-inline at::Tensor cholesky_to_inverse(const at::Tensor& L) {
-  at::Tensor eye = at::eye(L.size(-1), L.options()).expand_as(L);
-  at::Tensor Linv = at::linalg_solve_triangular(L, eye, /*upper=*/false);
-  return at::matmul(Linv.transpose(-1, -2), Linv);
-}
-
 // Returns (Hinv with H's shape, damp_used[B] float64 on CPU, dead[B,g] bool).
 // Dead inputs (zero diagonal) are treated as in OBS practice: H_ii := 1 before inverting;
 // callers must zero the matching weight columns.
@@ -68,7 +60,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_inverse_impl(const 
     at::Tensor ok_idx = ok.nonzero().squeeze(1);
     if (ok_idx.numel() > 0) {
       at::Tensor done = todo.index_select(0, ok_idx);
-      Hinv.index_copy_(0, done, cholesky_to_inverse(L.index_select(0, ok_idx)));
+      Hinv.index_copy_(0, done, at::cholesky_inverse(L.index_select(0, ok_idx)));
       damp_used.index_fill_(0, done.cpu(), d);
     }
     todo = todo.index_select(0, (~ok).nonzero().squeeze(1));

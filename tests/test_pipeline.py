@@ -1,0 +1,124 @@
+"""One-shot pipeline: calibration, database, stitching and the end-to-end run on the real MiniLM."""
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import ziplm_ext
+from ziplm_ext import ops
+from ziplm_ext.adapters import UnsupportedArchitectureError, get_adapter
+from ziplm_ext.calibrate import block_hessians, make_batches
+from ziplm_ext.database import build_database
+from ziplm_ext.pipeline import StitchedLoss, build_pruned_model
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def calib(n=6, T=16, seed=1):
+    return torch.randint(0, 128, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_block_hessians_match_direct_activations():
+    model = tiny_llama()
+    ids = calib()
+    adapter = get_adapter(model)
+    # reference: hooks on a full forward
+    seen = {}
+    hooks = []
+    for layer in adapter.prunable_layers(model):
+        def pre(mod, args, name=layer.name):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            seen[name] = seen.get(name, 0) + x.T @ x
+        hooks.append(adapter.out_proj(model, layer).register_forward_pre_hook(pre))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    got = {}
+    for _, H, ntok in block_hessians(model, make_batches(ids, None, 4)):
+        assert ntok == ids.numel()
+        got.update(H)
+    assert set(got) == set(seen)
+    for name in seen:
+        torch.testing.assert_close(got[name], seen[name], rtol=1e-5, atol=1e-6)
+
+
+def test_database_resume_and_stitching_equals_slicing(tmp_path):
+    model = tiny_llama()
+    batches = make_batches(calib(), None, 4)
+    db = build_database(model, batches, workdir=tmp_path, progress=False)
+    files = sorted(p.name for p in (tmp_path / "database").glob("*.pt"))
+    assert len(files) == 4
+    db2 = build_database(model, batches, workdir=tmp_path, progress=False)  # resumes from disk
+    for name in db.names():
+        assert torch.equal(db[name].history.order, db2[name].history.order)
+        torch.testing.assert_close(db[name].history.R, db2[name].history.R)
+        errs = db[name].errors
+        assert errs[0] == 0.0 and all(a <= b + 1e-9 for a, b in zip(errs, errs[1:])), "error grows as levels shrink"
+    other = tiny_llama(seed=5)
+    with pytest.raises(ValueError, match="fresh --workdir"):
+        build_database(other, batches, workdir=tmp_path, progress=False)
+    # stitched (zeroed columns) and physically sliced models compute the same function
+    levels = {"blocks.0.attn": 1, "blocks.0.ffn": 40, "blocks.1.attn": 0, "blocks.1.ffn": 96}
+    loss = StitchedLoss(model, db, calib(4, 16, seed=2), batch_size=2)
+    loss.set_levels(levels)
+    sliced = build_pruned_model(model, db, levels)
+    ids = calib(2, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(input_ids=ids).logits, loss.work(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    assert get_adapter(sliced).shapes(sliced) == levels
+    dense_levels = {n: db[n].layer.num_structures for n in db.names()}
+    assert loss(dense_levels) == pytest.approx(0.0, abs=1e-6)
+    assert loss(levels) > 0
+
+
+def test_prune_rejects_bad_input():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="must be > 1"):
+        ziplm_ext.prune(model, calib(), [1.0])
+    with pytest.raises(ValueError, match="non-empty"):
+        ziplm_ext.prune(model, torch.zeros(0, 16, dtype=torch.long), [1.5])
+    with pytest.raises(ValueError, match="out of range"):
+        ziplm_ext.prune(model, torch.full((4, 16), 500), [1.5])
+    with pytest.raises(ValueError, match="needs tokenizer"):
+        ziplm_ext.prune(model, ["some text"], [1.5])
+    with pytest.raises(UnsupportedArchitectureError):
+        ziplm_ext.prune(torch.nn.Linear(3, 3), calib(), [1.5])
+
+
+def test_unreachable_target_names_the_maximum():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"unreachable: the most this model can gain .* is \d+\.\d+x"):
+        ziplm_ext.prune(model, calib(), [1000.0], ziplm_ext.InferenceEnv(seq_len=16), progress=False,
+                        latency_reps=3, measure_rounds=2)
+
+
+@pytest.mark.slow
+def test_end_to_end_real_minilm(tmp_path):
+    """The real all-MiniLM-L6-v2 on real Wikipedia text: one target, measured, saved and reloaded."""
+    from ziplm_ext.data import sentence_batches, wiki_split
+    from ziplm_ext.models import load_minilm
+
+    model, tok = load_minilm()
+    ev = sentence_batches(wiki_split("eval"), tok, 64, 32, seed=0)
+    fam = ziplm_ext.prune(model, wiki_split("train"), [1.5], ziplm_ext.InferenceEnv(seq_len=128), tokenizer=tok,
+                          num_calibration_blocks=8, loss_blocks=4, spdy_evaluations=20, progress=False,
+                          eval_data=ev, latency_reps=10, measure_rounds=8)
+    (res,) = fam.results
+    assert res.measured_speedup >= 0.97 * 1.5
+    assert res.num_parameters < fam.dense_num_parameters
+    assert 0.0 < res.metrics["embedding_cosine"] <= 1.0
+    out = fam.save(tmp_path / "family")
+    loaded = ziplm_ext.load_pruned(out / "target_1.5x")
+    ids, mask = ev
+    with torch.no_grad():
+        a = res.model(input_ids=ids[:4], attention_mask=mask[:4]).last_hidden_state
+        b = loaded(input_ids=ids[:4], attention_mask=mask[:4]).last_hidden_state
+    assert torch.equal(a, b)
+    assert (out / "family.json").exists() and (out / "latency_table.json").exists()
