@@ -121,7 +121,9 @@ def fake_prune(monkeypatch):
         calls.append(dict(model=model, calibration=calibration, targets=list(targets), env=env, **kw))
         if getattr(mod, "raise_", None) is not None:
             raise mod.raise_
-        return make_fake_family(targets, env)
+        fam = make_fake_family(targets, env)
+        fam.model_name = kw.get("model_name", "")
+        return fam
 
     mod.prune = prune
     monkeypatch.setitem(sys.modules, "ziplm_ext.pipeline", mod)

@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-eval", type=_positive_int, default=16, metavar="N",
                    help="evaluation blocks (causal LM) from the Wikipedia eval split; encoders use 8x as many "
                         "sentences (default: 16)")
-    p.add_argument("--spdy-evaluations", type=_positive_int, default=200, metavar="N",
-                   help="SPDY search evaluations (default: 200)")
+    p.add_argument("--spdy-evaluations", type=_positive_int, default=60, metavar="N",
+                   help="SPDY search evaluations per target (default: 60)")
     p.add_argument("--baselines", nargs="*", default=[], choices=("uniform", "magnitude"),
                    help="baselines to build at the same targets")
     p.add_argument("--workdir", default=None, metavar="DIR",
@@ -306,12 +306,8 @@ def cmd_prune(args) -> int:
     family = P.prune(model, texts, targets, env, tokenizer=tok, num_calibration_blocks=args.num_calibration,
                      damp=args.damp, spdy_evaluations=args.spdy_evaluations,
                      workdir=str(workdir) if workdir is not None else None, seed=args.seed,
-                     progress=not args.no_progress, baselines=tuple(args.baselines), eval_data=eval_data)
-    if not getattr(family, "model_name", None):
-        try:
-            family.model_name = str(args.model)
-        except AttributeError:
-            pass
+                     progress=not args.no_progress, baselines=tuple(args.baselines), eval_data=eval_data,
+                     model_name=str(args.model))
     family.save(str(out))
     from .report import write_report
 

@@ -339,8 +339,8 @@ def search_target(problem: _Problem, target: float, loss: StitchedLoss, *, evalu
 
 
 def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = None, *, tokenizer=None,
-          num_calibration_blocks: int = 32, loss_blocks: int = 8, method: str = "ziplm", damp: float = 0.01,
-          spdy_evaluations: int = 200, workdir=None, seed: int = 0, progress: bool = True,
+          num_calibration_blocks: int = 32, loss_blocks: int = 4, method: str = "ziplm", damp: float = 0.01,
+          spdy_evaluations: int = 60, workdir=None, seed: int = 0, progress: bool = True,
           baselines: Sequence[str] = (), eval_data=None, latency_table: Optional[LatencyTable] = None,
           latency_reps: int = 30, measure_rounds: int = 15, max_corrections: int = 2,
           model_name: Optional[str] = None) -> PrunedFamily:
