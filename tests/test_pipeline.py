@@ -122,3 +122,19 @@ def test_end_to_end_real_minilm(tmp_path):
         b = loaded(input_ids=ids[:4], attention_mask=mask[:4]).last_hidden_state
     assert torch.equal(a, b)
     assert (out / "family.json").exists() and (out / "latency_table.json").exists()
+
+
+def test_ffn_levels_round_to_hardware_multiples():
+    import functools
+
+    from ziplm_ext.database import default_levels
+
+    model = tiny_llama()
+    db = build_database(model, make_batches(calib(), None, 4), progress=False,
+                        levels_fn=functools.partial(default_levels, ffn_multiple=16))
+    for name in db.names():
+        e = db[name]
+        if e.layer.kind == "ffn":
+            assert all(k % 16 == 0 for k in e.levels) and e.levels[0] == 96 and e.levels[-1] == 0
+        else:
+            assert e.levels == list(range(e.layer.num_structures, -1, -1))

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="cache directory for the OBS database (re-running resumes from it)")
     p.add_argument("--damp", type=_float, default=0.01, help="Hessian dampening (relative) (default: 0.01)")
+    p.add_argument("--ffn-multiple", type=_positive_int, default=1, metavar="K",
+                   help="round FFN widths to multiples of K, e.g. 16 for hardware-friendly shapes (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
@@ -307,7 +309,7 @@ def cmd_prune(args) -> int:
                      damp=args.damp, spdy_evaluations=args.spdy_evaluations,
                      workdir=str(workdir) if workdir is not None else None, seed=args.seed,
                      progress=not args.no_progress, baselines=tuple(args.baselines), eval_data=eval_data,
-                     model_name=str(args.model))
+                     model_name=str(args.model), ffn_multiple=args.ffn_multiple)
     family.save(str(out))
     from .report import write_report
 

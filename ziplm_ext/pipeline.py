@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .adapters import get_adapter
 from .calibrate import CalibrationBatch, make_batches
-from .database import ObsDatabase, build_database
+from .database import ObsDatabase, build_database, default_levels
 from .latency_table import InferenceEnv, LatencyTable
 from .search import UnreachableTargetError, solve_dp, spdy_search, uniform_levels
 
@@ -343,13 +344,14 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
           spdy_evaluations: int = 60, workdir=None, seed: int = 0, progress: bool = True,
           baselines: Sequence[str] = (), eval_data=None, latency_table: Optional[LatencyTable] = None,
           latency_reps: int = 30, measure_rounds: int = 15, max_corrections: int = 2,
-          model_name: Optional[str] = None) -> PrunedFamily:
+          model_name: Optional[str] = None, ffn_multiple: int = 1) -> PrunedFamily:
     """Produce one physically smaller model per speedup target, each measured in `env`.
 
     calibration: LongTensor (N, seq) of token ids, or a list of texts with ``tokenizer=``.
     targets: speedups over the dense model (> 1), measured end to end in `env`.
     baselines: any of "uniform" (same width fraction everywhere, OBS updates) and "magnitude"
     (same widths, L2-norm selection, no updates), built and measured like the ZipLM models.
+    ffn_multiple: round FFN widths of the level grid to multiples of this (8, 16, 32: hardware-friendly).
     eval_data: held-out data for metrics: a LongTensor of token ids (perplexity, causal LMs) or a
     tuple (input_ids, attention_mask) of sentences (embedding cosine to the dense model, encoders).
     """
@@ -367,13 +369,16 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
         raise ValueError(f"calibration data too small: {ids.shape[0]} sequence(s), need at least 2")
     torch.manual_seed(seed)
     stages: dict[str, float] = {}
+    if ffn_multiple < 1:
+        raise ValueError(f"ffn_multiple must be >= 1, got {ffn_multiple}")
+    levels_fn = functools.partial(default_levels, ffn_multiple=ffn_multiple)  # one grid for table and database
 
     t0 = time.perf_counter()
     if latency_table is None:
         from .latency import build_latency_table
 
-        levels = None  # the latency module's default grid matches database.default_levels
-        latency_table = build_latency_table(model, env, levels, reps=latency_reps, progress=progress)
+        latency_table = build_latency_table(model, env, {l.name: levels_fn(l) for l in adapter.prunable_layers(model)},
+                                            reps=latency_reps, progress=progress)
         latency_table = add_module_overheads(latency_table, model, env, rounds=measure_rounds)
     else:
         latency_table.check_env(env)
@@ -387,7 +392,7 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
 
     t0 = time.perf_counter()
     batches = make_batches(ids, None, batch_size=8)
-    db = build_database(model, batches, damp=damp, workdir=workdir, progress=progress)
+    db = build_database(model, batches, damp=damp, workdir=workdir, progress=progress, levels_fn=levels_fn)
     stages["database"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
