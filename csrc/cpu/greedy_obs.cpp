@@ -14,6 +14,23 @@
 namespace ziplm {
 namespace {
 
+// A[keep][:, keep] in one pass (rows in parallel), instead of two index_select copies.
+template <typename T>
+at::Tensor gather_square(const at::Tensor& A, const std::vector<int64_t>& keep) {
+  const int64_t m = A.size(0), k = static_cast<int64_t>(keep.size());
+  at::Tensor out = at::empty({k, k}, A.options());
+  const T* src = A.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, k, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T* row = src + keep[i] * m;
+      T* o = dst + i * k;
+      for (int64_t j = 0; j < k; ++j) o[j] = row[keep[j]];
+    }
+  });
+  return out;
+}
+
 template <typename T>
 ObsOutput greedy_obs_cpu_columns(const ObsSetup& setup, int64_t block) {
   const at::Tensor& W0 = setup.W0;
@@ -110,7 +127,7 @@ ObsOutput greedy_obs_cpu_columns(const ObsSetup& setup, int64_t block) {
         if (!removed[k]) keep.push_back(k);
       at::Tensor keep_t = at::from_blob(keep.data(), {(int64_t)keep.size()}, opt.dtype(at::kLong)).clone();
       at::Tensor Gk = G.narrow(0, 0, b).index_select(1, keep_t);  // (b, m')
-      Hinv = Hinv.index_select(0, keep_t).index_select(1, keep_t);
+      Hinv = gather_square<T>(Hinv, keep);
       Hinv.addmm_(Gk.t(), Gk, 1.0, -1.0);
       W = W.index_select(1, keep_t);
       W.addmm_(U.narrow(0, 0, b).t(), Gk, 1.0, -1.0);
