@@ -3,7 +3,6 @@
 float64 comparisons are tight; float32 results must stay within a small multiple of the error that
 the float32 oracle itself makes against the float64 oracle (the flash-attention style budget).
 """
-import itertools
 
 import pytest
 import torch

@@ -1,12 +1,10 @@
 """One-shot pipeline: calibration, database, stitching and the end-to-end run on the real MiniLM."""
-import copy
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ziplm_ext
-from ziplm_ext import ops
 from ziplm_ext.adapters import UnsupportedArchitectureError, get_adapter
 from ziplm_ext.calibrate import block_hessians, make_batches
 from ziplm_ext.database import build_database

@@ -8,9 +8,9 @@ skipping the layers already there. Every speedup target reuses the same database
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .fileio import atomic_write_bytes
 from .adapters import get_adapter
 from .adapters.base import Adapter, PrunableLayer
 from .calibrate import CalibrationBatch, block_hessians
@@ -87,14 +88,9 @@ def _save_entry(path: Path, e: LayerEntry) -> None:
     h = e.history
     payload = dict(order=h.order, losses=h.losses, U=h.U, R=h.R, W0=h.W0, group_size=h.group_size, damp=h.damp,
                    dense_error=e.dense_error, num_structures=e.layer.num_structures)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _load_entry(path: Path, layer: PrunableLayer, levels_fn) -> LayerEntry:

@@ -23,10 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import get_adapter
-from .calibrate import CalibrationBatch, make_batches
+from .calibrate import make_batches
 from .database import ObsDatabase, build_database, default_levels
 from .latency_table import InferenceEnv, LatencyTable
-from .search import UnreachableTargetError, solve_dp, spdy_search, uniform_levels
+from .search import UnreachableTargetError, spdy_search, uniform_levels
 
 MIN_SPEEDUP_FRACTION = 0.97  # a delivered model must measure at least this fraction of its target
 MAX_OVERSHOOT = 1.10         # beyond this the model was pruned more than needed: re-fit and re-solve
@@ -210,32 +210,34 @@ class StitchedLoss:
 # ----------------------------------------------------------------------------- building models
 
 
-def build_pruned_model(dense: nn.Module, db: ObsDatabase, levels: dict[str, int]) -> nn.Module:
-    """A physically smaller copy of `dense` with the OBS-updated weights of each chosen level."""
+def _shrink(dense: nn.Module, levels: dict[str, int], apply) -> nn.Module:
+    """A copy of `dense` where `apply(model, adapter, layer, count)` prunes every layer below full width."""
     model = copy.deepcopy(dense).eval()
     adapter = get_adapter(model)
     for layer in adapter.prunable_layers(model):
         count = levels.get(layer.name, layer.num_structures)
-        if count == layer.num_structures:
-            continue
+        if count != layer.num_structures:
+            apply(model, adapter, layer, count)
+    return model
+
+
+def build_pruned_model(dense: nn.Module, db: ObsDatabase, levels: dict[str, int]) -> nn.Module:
+    """A physically smaller copy of `dense` with the OBS-updated weights of each chosen level."""
+    def apply(model, adapter, layer, count):
         adapter.set_weight(model, layer, db.weights(layer.name, count))
         adapter.slice(model, layer, db[layer.name].kept(count))
-    return model
+
+    return _shrink(dense, levels, apply)
 
 
 def build_magnitude_model(dense: nn.Module, levels: dict[str, int]) -> nn.Module:
     """Baseline: keep the structures whose out-projection columns have the largest L2 norm, no update."""
-    model = copy.deepcopy(dense).eval()
-    adapter = get_adapter(model)
-    for layer in adapter.prunable_layers(model):
-        count = levels.get(layer.name, layer.num_structures)
-        if count == layer.num_structures:
-            continue
+    def apply(model, adapter, layer, count):
         W = adapter.get_weight(model, layer).float()
         norms = W.reshape(W.shape[0], layer.num_structures, layer.group_size).pow(2).sum(dim=(0, 2))
-        keep = sorted(torch.topk(norms, count).indices.tolist()) if count else []
-        adapter.slice(model, layer, keep)
-    return model
+        adapter.slice(model, layer, sorted(torch.topk(norms, count).indices.tolist()) if count else [])
+
+    return _shrink(dense, levels, apply)
 
 
 # ----------------------------------------------------------------------------- latency

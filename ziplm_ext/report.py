@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
+
+from .fileio import atomic_write_bytes
 
 REPORT_MD = "report.md"
 REPORT_PNG = "quality_vs_speedup.png"
@@ -108,23 +108,6 @@ def _target_key(t) -> float | None:
 
 def _md_escape(s: Any) -> str:
     return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------
@@ -402,6 +385,6 @@ def write_report(family, directory) -> tuple[Path, Path | None]:
     if png is None:
         md += "\n_Plot skipped: matplotlib is not installed (pip install matplotlib)._\n"
     else:
-        _atomic_write_bytes(png_path, png)
-    _atomic_write_bytes(md_path, md.encode("utf-8"))
+        atomic_write_bytes(png_path, png)
+    atomic_write_bytes(md_path, md.encode("utf-8"))
     return md_path, (png_path if png is not None else None)
