@@ -412,16 +412,22 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
 
     # Every candidate is measured end to end; the table is re-fitted to all measurements so far and
     # targets that were missed (or overshot, which wastes accuracy) are re-solved.
-    candidates: dict[float, list] = {t: [] for t in targets}  # (levels, loss, model, measured)
+    # Per target only the most accurate candidate that meets it is kept (each is a full model copy).
+    best: dict[float, tuple] = {}  # (levels, loss, model, measured)
+    fastest = {t: 0.0 for t in targets}
     observations = []
     todo = list(targets)
     for round_ in range(max_corrections + 1):
         built = {t: build_pruned_model(model, db, chosen[t][0]) for t in todo}
         speeds = measure_speedups(model, [built[t] for t in todo], env, rounds=measure_rounds)
-        for t, sp in zip(todo, speeds):
-            candidates[t].append((chosen[t][0], chosen[t][1], built[t], sp))
+        last = dict(zip(todo, speeds))
+        for t, sp in last.items():
             observations.append((chosen[t][0], sp))
-        todo = [t for t in todo if not (MIN_SPEEDUP_FRACTION * t <= candidates[t][-1][3] <= MAX_OVERSHOOT * t)]
+            fastest[t] = max(fastest[t], sp)
+            if sp >= MIN_SPEEDUP_FRACTION * t and (t not in best or chosen[t][1] < best[t][1]):
+                best[t] = (chosen[t][0], chosen[t][1], built[t], sp)
+        del built
+        todo = [t for t in todo if not (MIN_SPEEDUP_FRACTION * t <= last[t] <= MAX_OVERSHOOT * t)]
         if not todo or round_ == max_corrections:
             break
         problem.set_table(calibrate_table(problem.table, observations))
@@ -435,16 +441,14 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
 
     results, missed = [], []
     for t in targets:
-        ok = [c for c in candidates[t] if c[3] >= MIN_SPEEDUP_FRACTION * t]
-        if not ok:
-            missed.append(f"{t:g}x measured {max(c[3] for c in candidates[t]):.2f}x")
+        if t not in best:
+            missed.append(f"{t:g}x measured {fastest[t]:.2f}x")
             continue
-        levels, cal, m, sp = min(ok, key=lambda c: c[1])  # the most accurate candidate that meets the target
+        levels, cal, m, sp = best.pop(t)
         results.append(PrunedResult(t, m, levels, problem.table.predict_speedup(levels), sp, cal, num_parameters(m)))
     if missed:
         raise UnreachableTargetError(f"could not meet target(s) after {max_corrections} table corrections: "
                                      f"{'; '.join(missed)} (table maximum {problem.table.max_speedup():.2f}x)")
-    del candidates
 
     t0 = time.perf_counter()
     base = _baselines(model, db, problem, loss, targets, baselines, env, measure_rounds)

@@ -179,31 +179,26 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def slice_outputs(module: nn.Module, idx) -> None:
-    """Keep only output features ``idx`` of a Linear / Conv1D (in place)."""
+def _slice_features(module: nn.Module, idx, outputs: bool) -> None:
+    # nn.Linear stores (out, in); GPT-2's Conv1D stores (in, out) with nf = out, nx = in.
     w = module.weight
     i = _index(idx, w.device)
-    if is_conv1d(module):
-        _set_param(module, "weight", w.index_select(1, i))
-        module.nf = int(i.numel())
-    else:
-        _set_param(module, "weight", w.index_select(0, i))
-        module.out_features = int(i.numel())
-    if getattr(module, "bias", None) is not None:
+    dim = int(outputs) if is_conv1d(module) else int(not outputs)
+    _set_param(module, "weight", w.index_select(dim, i))
+    attr = ("nf" if outputs else "nx") if is_conv1d(module) else ("out_features" if outputs else "in_features")
+    setattr(module, attr, int(i.numel()))
+    if outputs and getattr(module, "bias", None) is not None:
         _set_param(module, "bias", module.bias.index_select(0, i))
 
 
-@torch.no_grad()
+def slice_outputs(module: nn.Module, idx) -> None:
+    """Keep only output features ``idx`` of a Linear / Conv1D (in place)."""
+    _slice_features(module, idx, outputs=True)
+
+
 def slice_inputs(module: nn.Module, idx) -> None:
     """Keep only input features ``idx`` of a Linear / Conv1D (in place; bias unchanged)."""
-    w = module.weight
-    i = _index(idx, w.device)
-    if is_conv1d(module):
-        _set_param(module, "weight", w.index_select(0, i))
-        module.nx = int(i.numel())
-    else:
-        _set_param(module, "weight", w.index_select(1, i))
-        module.in_features = int(i.numel())
+    _slice_features(module, idx, outputs=False)
 
 
 def expand_groups(keep: Sequence[int], group: int, offset: int = 0) -> list[int]:
