@@ -53,7 +53,7 @@ class PrunedResult:
 class PrunedFamily:
     results: list[PrunedResult]
     env: InferenceEnv
-    latency_table: LatencyTable
+    latency_table: Optional[LatencyTable]   # None for methods that do not search over a table (FLOP)
     dense_calibration_loss: float
     dense_num_parameters: int
     dense_metrics: dict[str, float]
@@ -72,7 +72,8 @@ class PrunedFamily:
         return self.results[i]
 
     def summary(self) -> dict:
-        return dict(model_name=self.model_name, env=self.env.to_dict(), dense_time=self.latency_table.dense_time,
+        dense_time = self.latency_table.dense_time if self.latency_table is not None else None
+        return dict(model_name=self.model_name, env=self.env.to_dict(), dense_time=dense_time,
                     dense_calibration_loss=self.dense_calibration_loss, dense_num_parameters=self.dense_num_parameters,
                     dense_metrics=self.dense_metrics, results=[r.summary() for r in self.results],
                     baselines=self.baselines, stage_seconds=self.stage_seconds)
@@ -95,7 +96,8 @@ class PrunedFamily:
                 path = save_pruned(r.model, tmp / result_dirname(r.target), extra=r.summary())
                 if self.tokenizer is not None:
                     self.tokenizer.save_pretrained(path)
-            self.latency_table.save(tmp / "latency_table.json")
+            if self.latency_table is not None:
+                self.latency_table.save(tmp / "latency_table.json")
             (tmp / "family.json").write_text(json.dumps(self.summary(), indent=2, default=float))
             if target.exists():
                 target.rmdir()
