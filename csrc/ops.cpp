@@ -18,6 +18,8 @@ TORCH_LIBRARY(ziplm, m) {
   m.def("greedy_obs_generic(Tensor W, Tensor H, int group_size, float damp, int block_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Latency of one attention block (x: (B,T,d); weights in nn.Linear layout) over `reps` runs (seconds, float64, CPU).
   m.def("time_attention(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor wo, int head_dim, bool causal, int warmup, int reps) -> Tensor");
+  // Latency of one decode step of an attention block: x (B,1,d) attends to a KV cache (B,nkv,L,head_dim).
+  m.def("time_attention_decode(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor wo, Tensor k_cache, Tensor v_cache, int head_dim, int warmup, int reps) -> Tensor");
   // Latency of one FFN block: gated (w_gate given) SiLU, else GELU; returns per-rep seconds.
   m.def("time_ffn(Tensor x, Tensor w_up, Tensor? w_gate, Tensor w_down, int warmup, int reps) -> Tensor");
 }

@@ -8,6 +8,11 @@
 //              kv head (grouped-query attention, head i reads kv head i / (nq/nkv), as in HF
 //              repeat_kv); o = SDPA(q,k,v, causal); merge heads; out = o wo^T.
 //              nq == 0 means the block is removed: nothing runs.
+//   attention decode (one new token per sequence attending to a KV cache, as in generation):
+//              x (B,1,d); k_cache, v_cache (B,nkv,L,hd) hold the keys/values of L earlier tokens.
+//              q,k,v of the new token; k,v appended to the cache (a concatenation, which is what a
+//              growing HF DynamicCache costs per step); k,v repeated per group; o = SDPA(q, k_all,
+//              v_all) without a mask (the new token sees every cached token); out = o wo^T.
 //   ffn:       x (B,T,d); w_up (m, d); w_gate (m, d) or none; w_down (d, m)
 //              gated:   out = silu(x w_gate^T) * (x w_up^T) w_down^T   (LLaMA)
 //              ungated: out = gelu(x w_up^T) w_down^T                  (BERT; exact erf GELU)
@@ -85,6 +90,27 @@ inline AttentionShape check_attention(const at::Tensor& x, const at::Tensor& wq,
   return {nq, nkv, head_dim};
 }
 
+// Validates the extra arguments of time_attention_decode (x must be (B,1,d); caches
+// (B, nkv, L, head_dim) on x's device and dtype); returns the head counts.
+inline AttentionShape check_attention_decode(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wk,
+                                             const at::Tensor& wv, const at::Tensor& wo, const at::Tensor& k_cache,
+                                             const at::Tensor& v_cache, int64_t head_dim, int64_t warmup,
+                                             int64_t reps) {
+  const AttentionShape s = check_attention(x, wq, wk, wv, wo, head_dim, warmup, reps);
+  ZIPLM_CHECK(x.size(1) == 1, "decode timing takes one new token per sequence: x must be (B, 1, d), got shape ",
+              x.sizes());
+  ZIPLM_CHECK_DIM(k_cache, 4, "k_cache (B, nkv, L, head_dim)");
+  ZIPLM_CHECK_DIM(v_cache, 4, "v_cache (B, nkv, L, head_dim)");
+  check_float_like(k_cache, x, "k_cache");
+  check_float_like(v_cache, x, "v_cache");
+  ZIPLM_CHECK(k_cache.size(0) == x.size(0) && k_cache.size(1) == s.nkv && k_cache.size(3) == head_dim,
+              "k_cache must be (B, nkv, L, head_dim) = (", x.size(0), ", ", s.nkv, ", L, ", head_dim, "), got shape ",
+              k_cache.sizes());
+  ZIPLM_CHECK(v_cache.sizes() == k_cache.sizes(), "v_cache must have k_cache's shape ", k_cache.sizes(), ", got ",
+              v_cache.sizes());
+  return s;
+}
+
 // Validates the arguments of time_ffn; returns the intermediate width m.
 inline int64_t check_ffn(const at::Tensor& x, const at::Tensor& w_up, const std::optional<at::Tensor>& w_gate,
                          const at::Tensor& w_down, int64_t warmup, int64_t reps) {
@@ -129,6 +155,26 @@ inline at::Tensor attention_block(const at::Tensor& x, const at::Tensor& wq, con
                                                   /*is_causal=*/causal);
   o = o.transpose(1, 2).reshape({B, T, s.nq * s.head_dim});
   return at::linear(o, wo);
+}
+
+// One decode step of the attention block (see the top of this file). Undefined when nq == 0.
+inline at::Tensor attention_decode_block(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wk,
+                                         const at::Tensor& wv, const at::Tensor& wo, const at::Tensor& k_cache,
+                                         const at::Tensor& v_cache, const AttentionShape& s) {
+  if (s.nq == 0) return at::Tensor();
+  const int64_t B = x.size(0);
+  auto heads = [&](const at::Tensor& y, int64_t h) { return y.view({B, 1, h, s.head_dim}).transpose(1, 2); };
+  at::Tensor q = heads(at::linear(x, wq), s.nq);
+  at::Tensor k = at::cat({k_cache, heads(at::linear(x, wk), s.nkv)}, /*dim=*/2);
+  at::Tensor v = at::cat({v_cache, heads(at::linear(x, wv), s.nkv)}, /*dim=*/2);
+  if (s.nkv != s.nq) {
+    const int64_t rep = s.nq / s.nkv;
+    k = k.repeat_interleave(rep, /*dim=*/1);
+    v = v.repeat_interleave(rep, /*dim=*/1);
+  }
+  at::Tensor o = at::scaled_dot_product_attention(q, k, v, /*attn_mask=*/std::nullopt, /*dropout_p=*/0.0,
+                                                  /*is_causal=*/false);
+  return at::linear(o.transpose(1, 2).reshape({B, 1, s.nq * s.head_dim}), wo);
 }
 
 // One forward pass of the FFN block. Returns the (B,T,d) output, or an undefined tensor when m == 0.

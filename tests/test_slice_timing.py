@@ -303,3 +303,60 @@ def test_wrapper_clear_error_without_extension(monkeypatch):
     x, w_up, w_gate, w_down = _ffn()
     with pytest.raises(RuntimeError, match="native extension ziplm_ext._C is not built"):
         timing.time_ffn(x, w_up, w_gate, w_down)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode step: one new token attending to a KV cache
+
+
+def _decode_args(d=64, nq=4, nkv=2, hd=16, B=2, L=12, device="cpu", dtype=torch.float32, seed=0):
+    """Decode inputs whose cache holds the projections of a random prefix; also returns the prefix."""
+    x_full, wq, wk, wv, wo = _attn(d=d, nq=nq, nkv=nkv, hd=hd, B=B, T=L + 1, device=device, dtype=dtype, seed=seed)
+    prefix, x = x_full[:, :L], x_full[:, L:]
+    heads = lambda y: y.view(B, L, nkv, hd).transpose(1, 2).contiguous()
+    k_cache, v_cache = heads(prefix @ wk.T), heads(prefix @ wv.T)
+    return x_full, (x, wq, wk, wv, wo, k_cache, v_cache)
+
+
+@pytest.mark.parametrize("nq,nkv", [(4, 4), (6, 2), (3, 1)])
+def test_decode_reference_equals_last_row_of_causal_attention(nq, nkv):
+    # the decode step with a cache of the prefix's keys/values is the causal block's last position
+    x_full, args = _decode_args(d=48, nq=nq, nkv=nkv, hd=8, dtype=torch.float64)
+    got = timing.attention_decode_block_reference(*args, 8)
+    want = _naive_attention(x_full, *args[1:5], 8, True)[:, -1:]
+    torch.testing.assert_close(got, want)
+    removed = timing.attention_decode_block_reference(args[0], args[1][:0], args[2][:0], args[3][:0], args[4][:, :0],
+                                                      args[5][:, :0], args[6][:, :0], 8)
+    assert torch.equal(removed, torch.zeros_like(args[0]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_decode_returns_reps_and_scales_with_cache(device, one_thread):
+    _, args = _decode_args(device=device)
+    _check_times(torch.ops.ziplm.time_attention_decode(*args, 16, 1, 3), 3)
+    assert timing.time_attention_decode(*args, 16, warmup=0, reps=2).times.shape == (2,)
+    _check_times(timing.reference_time_attention_decode(*args, 16, warmup=0, reps=2), 2)
+    d, hd = 512, 64
+    _, short = _decode_args(d=d, nq=8, nkv=8, hd=hd, B=4, L=16, device=device)
+    _, long = _decode_args(d=d, nq=8, nkv=8, hd=hd, B=4, L=4096, device=device)
+    t_long, t_short = _min_times(lambda: torch.ops.ziplm.time_attention_decode(*long, hd, 1, 5),
+                                 lambda: torch.ops.ziplm.time_attention_decode(*short, hd, 1, 5))
+    assert t_long > 1.5 * t_short, (t_long, t_short)  # attending to (and appending to) a long cache costs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_bad_arguments(device):
+    x_full, (x, wq, wk, wv, wo, kc, vc) = _decode_args(device=device)
+    cases = [
+        ("x must be \\(B, 1, d\\)", (x_full, wq, wk, wv, wo, kc, vc, 16, 0, 1)),
+        ("k_cache must be \\(B, nkv, L, head_dim\\)", (x, wq, wk, wv, wo, kc[:, :1], vc, 16, 0, 1)),
+        ("v_cache must have k_cache's shape", (x, wq, wk, wv, wo, kc, vc[:, :, :3], 16, 0, 1)),
+        ("k_cache \\(B, nkv, L, head_dim\\) must be 4-D", (x, wq, wk, wv, wo, kc[0], vc, 16, 0, 1)),
+        ("k_cache has dtype", (x, wq, wk, wv, wo, kc.double(), vc, 16, 0, 1)),
+        ("reps must be >= 1", (x, wq, wk, wv, wo, kc, vc, 16, 0, 0)),
+    ]
+    for match, a in cases:
+        with pytest.raises(ValueError, match="ziplm: .*" + match):
+            torch.ops.ziplm.time_attention_decode(*a)
+    with pytest.raises(ValueError, match="x must be \\(B, 1, d\\)"):
+        timing.reference_time_attention_decode(x_full, wq, wk, wv, wo, kc, vc, 16)

@@ -14,10 +14,15 @@
 * :func:`calibrate_table` corrects a table when such end-to-end measurements disagree
   with its additive prediction (one least-squares scale factor on the prunable part).
 
-Only ``mode="prefill"`` is implemented.  ``mode="decode"`` (one new token attending to a
-KV cache of ``seq_len`` tokens) raises :class:`NotImplementedError`: the native ops have no
-KV cache, so timing a ``(B, 1, d)`` query block with them would leave out the cost of
-attending to the cache and give a table that is not representative.
+Both modes of :class:`~ziplm_ext.latency_table.InferenceEnv` are supported:
+
+* ``mode="prefill"``: one forward pass over ``batch_size x seq_len`` tokens.
+* ``mode="decode"`` (causal LMs only): one generation step, i.e. one new token per sequence
+  attending to a KV cache of ``seq_len`` earlier tokens.  Attention blocks are timed with the
+  native ``time_attention_decode`` op (cache of the kept KV heads), FFN blocks with
+  ``time_ffn`` on ``(batch_size, 1, d)``; end to end, the model is prefilled once and each
+  timed call is one ``model(next_token, past_key_values=cache)`` step, after which the cache
+  is cropped back to ``seq_len`` (outside the timed region) so every step sees the same cache.
 """
 
 from __future__ import annotations
@@ -49,11 +54,6 @@ __all__ = [
 
 _GATED_TYPES = ("llama", "mistral", "qwen2")
 _ENCODER_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
-_DECODE_MSG = (
-    "decode-mode latency tables are not implemented yet: the native slice-timing ops have no KV cache, "
-    "so timing one new token with them would leave out the attention over the cache; "
-    "build the table with InferenceEnv(mode='prefill')"
-)
 
 
 # --------------------------------------------------------------------------------------
@@ -194,7 +194,13 @@ class _BlockTimer:
         def rnd(*shape):
             return (torch.randn(*shape, generator=g) * std).to(device=dev, dtype=dt)
 
-        self.x = torch.randn(env.batch_size, env.seq_len, d, generator=g).to(device=dev, dtype=dt)
+        self.decode = env.mode == "decode"
+        tokens = 1 if self.decode else env.seq_len
+        self.x = torch.randn(env.batch_size, tokens, d, generator=g).to(device=dev, dtype=dt)
+        if self.decode:  # KV cache of seq_len earlier tokens, for every KV head of the dense model
+            cache = (env.batch_size, shapes.num_kv_heads, env.seq_len, hd)
+            self.k_cache = torch.randn(*cache, generator=g).to(device=dev, dtype=dt)
+            self.v_cache = torch.randn(*cache, generator=g).to(device=dev, dtype=dt)
         self.wq = rnd(shapes.num_heads * hd, d)
         self.wk = rnd(shapes.num_kv_heads * hd, d)
         self.wv = rnd(shapes.num_kv_heads * hd, d)
@@ -215,6 +221,8 @@ class _BlockTimer:
                     self.wq[:rq].contiguous(), self.wk[:rkv].contiguous(), self.wv[:rkv].contiguous(),
                     self.wo[:, :rq].contiguous(),
                 )
+                if self.decode:
+                    self._cache[key] += (self.k_cache[:, :nkv].contiguous(), self.v_cache[:, :nkv].contiguous())
             else:
                 self._cache[key] = (
                     self.w_up[:k].contiguous(),
@@ -228,6 +236,10 @@ class _BlockTimer:
         from . import timing
 
         w = self._weights(kind, k)
+        if kind == "attn" and self.decode:
+            if self.timer == "native":
+                return timing.time_attention_decode(self.x, *w, self.s.head_dim, warmup, reps).times
+            return timing.reference_time_attention_decode(self.x, *w, self.s.head_dim, warmup, reps)
         if kind == "attn":
             if self.timer == "native":
                 return timing.time_attention(self.x, *w, self.s.head_dim, self.s.causal, warmup, reps).times
@@ -291,7 +303,7 @@ def build_latency_table(
 
     Args:
         model: a dense HF model supported by :func:`ziplm_ext.adapters.get_adapter`.
-        env: the inference environment; only ``mode="prefill"`` is implemented.
+        env: the inference environment (``mode="decode"`` only for causal LMs).
         levels: layer name -> kept counts to time. Layers not named get the default grid
             (every count for attention, :func:`ffn_levels` for FFN); 0 and the full width are
             always added.
@@ -313,8 +325,6 @@ def build_latency_table(
     ``meta`` records the torch version, host (CPU model or GPU name), reps, rounds, date,
     timer, and per (kind, kept count) the relative spread ``(p90 - p10) / median``.
     """
-    if env.mode == "decode":
-        raise NotImplementedError(_DECODE_MSG)
     if reps < 1 or warmup < 0 or rounds < 1:
         raise ValueError(f"need reps >= 1, warmup >= 0, rounds >= 1 (got {reps}, {warmup}, {rounds})")
     if timer not in ("auto", "native", "python"):
@@ -410,6 +420,9 @@ def build_latency_table(
 
 
 def _check_model_env(model, env: InferenceEnv) -> None:
+    if env.mode == "decode" and not model_shapes(model.config).causal:
+        raise ValueError(f"mode='decode' needs a causal LM (KV-cache generation); "
+                         f"{getattr(model.config, 'model_type', type(model).__name__)} is an encoder: use mode='prefill'")
     p = next(iter(model.parameters()), None)
     if p is None:
         return
@@ -433,35 +446,58 @@ def _make_inputs(model, env: InferenceEnv, seed: int = 0) -> dict:
     return kw
 
 
-def _time_calls(model, inputs: dict, device: torch.device, n: int) -> List[float]:
-    out = []
-    for _ in range(n):
-        _sync(device)
+class _Stepper:
+    """One timed unit of work of `model` in `env`: a forward pass (prefill) or one generation step
+    with a KV cache of ``seq_len`` tokens (decode; the cache is cropped back after each step,
+    outside the timed region)."""
+
+    def __init__(self, model, env: InferenceEnv, inputs: dict):
+        self.model, self.env, self.inputs = model, env, inputs
+        self.dev = torch.device(env.device)
+        self.cache = None
+        if env.mode == "decode":
+            ids = inputs["input_ids"]
+            with torch.inference_mode():
+                self.cache = model(input_ids=ids, use_cache=True).past_key_values
+            if self.cache is None or not hasattr(self.cache, "crop"):
+                raise ValueError(f"{type(model).__name__} did not return a croppable KV cache; mode='decode' "
+                                 "needs a HF causal LM with DynamicCache support")
+            self.next_ids = ids[:, -1:].contiguous()
+
+    def __call__(self) -> float:
+        _sync(self.dev)
         t0 = time.perf_counter()
-        model(**inputs)
-        _sync(device)
-        out.append(time.perf_counter() - t0)
-    return out
+        if self.cache is None:
+            self.model(**self.inputs)
+        else:
+            self.model(input_ids=self.next_ids, past_key_values=self.cache, use_cache=True)
+        _sync(self.dev)
+        dt = time.perf_counter() - t0
+        if self.cache is not None:
+            self.cache.crop(-1)  # drop the step's token again (transformers 5: negative = tokens to remove)
+        return dt
+
+
+def _time_calls(step: _Stepper, n: int) -> List[float]:
+    return [step() for _ in range(n)]
 
 
 def measure_model_time(model, env: InferenceEnv, *, reps: int = 30, warmup: int = 5) -> float:
     """Median seconds of one forward pass ``model(input_ids)`` on random token ids of shape
     ``(batch_size, seq_len)`` (attention mask of ones for encoders, ``use_cache=False`` for
-    decoders), in eval mode under ``torch.inference_mode``, synchronising CUDA around each
-    call.  The model's train/eval mode is restored afterwards."""
-    if env.mode == "decode":
-        raise NotImplementedError(_DECODE_MSG)
+    decoders), or in decode mode of one generation step over a KV cache of ``seq_len`` tokens;
+    in eval mode under ``torch.inference_mode``, synchronising CUDA around each call.  The
+    model's train/eval mode is restored afterwards."""
     if reps < 1 or warmup < 0:
         raise ValueError(f"need reps >= 1 and warmup >= 0 (got {reps}, {warmup})")
     _check_model_env(model, env)
-    dev = torch.device(env.device)
-    inputs = _make_inputs(model, env)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            _time_calls(model, inputs, dev, warmup)
-            times = _time_calls(model, inputs, dev, reps)
+            step = _Stepper(model, env, _make_inputs(model, env))
+            _time_calls(step, warmup)
+            times = _time_calls(step, reps)
     finally:
         model.train(was_training)
     return statistics.median(times)
@@ -472,19 +508,17 @@ def measure_speedups(
 ) -> List[float]:
     """End-to-end speedups ``median(dense times) / median(model_i times)``.
 
-    Measured interleaved: each round runs ``reps_per_round`` forward passes of the dense
-    model, then of ``models[0]``, ``models[1]``, ... (direction alternating between rounds),
-    so that slow drifts of a shared machine affect all variants alike.  All models get the
-    same random input (built from ``dense.config``).  Every model is warmed up first.
+    Measured interleaved: each round runs ``reps_per_round`` forward passes (decode mode:
+    generation steps) of the dense model, then of ``models[0]``, ``models[1]``, ...
+    (direction alternating between rounds), so that slow drifts of a shared machine affect all
+    variants alike.  All models get the same random input (built from ``dense.config``).
+    Every model is warmed up first.
     """
-    if env.mode == "decode":
-        raise NotImplementedError(_DECODE_MSG)
     if rounds < 1 or reps_per_round < 1:
         raise ValueError(f"need rounds >= 1 and reps_per_round >= 1 (got {rounds}, {reps_per_round})")
     allm = [dense, *models]
     for m in allm:
         _check_model_env(m, env)
-    dev = torch.device(env.device)
     inputs = _make_inputs(dense, env)
     modes = [m.training for m in allm]
     times: List[List[float]] = [[] for _ in allm]
@@ -492,12 +526,13 @@ def measure_speedups(
         for m in allm:
             m.eval()
         with torch.inference_mode():
-            for m in allm:
-                _time_calls(m, inputs, dev, warmup)
+            steps = [_Stepper(m, env, inputs) for m in allm]
+            for st in steps:
+                _time_calls(st, warmup)
             idx = list(range(len(allm)))
             for r in range(rounds):
                 for i in idx if r % 2 == 0 else idx[::-1]:
-                    times[i].extend(_time_calls(allm[i], inputs, dev, reps_per_round))
+                    times[i].extend(_time_calls(steps[i], reps_per_round))
     finally:
         for m, t in zip(allm, modes):
             m.train(t)

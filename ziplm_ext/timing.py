@@ -15,6 +15,12 @@ Attention block, ``x`` of shape ``(B, T, d)``:
     -> scaled-dot-product attention (scale ``1/sqrt(head_dim)``, optional causal mask)
     -> merge heads -> output projection. ``nq == 0`` means the block is removed (nothing runs).
 
+Attention decode step (``time_attention_decode``), ``x`` of shape ``(B, 1, d)``:
+    one new token per sequence with a KV cache ``k_cache, v_cache`` of shape ``(B, nkv, L, head_dim)``.
+    q, k, v of the new token; k, v appended to the cache (a concatenation, the per-step cost of a
+    growing HF ``DynamicCache``); grouped-query repeat; attention of the new token over all
+    ``L + 1`` keys (no mask); output projection.
+
 FFN block:
     ``w_up (m, d)``, optional ``w_gate (m, d)``, ``w_down (d, m)``.
     gated (LLaMA): ``down(silu(gate(x)) * up(x))``; ungated (BERT/GPT-2): ``down(gelu(up(x)))``
@@ -39,7 +45,10 @@ __all__ = [
     "Timing",
     "time_attention",
     "time_ffn",
+    "time_attention_decode",
     "reference_time_attention",
+    "reference_time_attention_decode",
+    "attention_decode_block_reference",
     "reference_time_ffn",
     "attention_block_reference",
     "ffn_block_reference",
@@ -124,6 +133,30 @@ def time_attention(
     return Timing.from_times(times)
 
 
+def time_attention_decode(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    wo: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    head_dim: int,
+    warmup: int = 3,
+    reps: int = 20,
+) -> Timing:
+    """Time one decode step of an attention block with the native op.
+
+    Args:
+        x: ``(B, 1, d)``, the new token of each sequence.
+        wq, wk, wv, wo: as for :func:`time_attention`.
+        k_cache, v_cache: ``(B, nkv, L, head_dim)`` keys / values of the ``L`` cached tokens.
+        head_dim, warmup, reps: as for :func:`time_attention`.
+    """
+    times = _native().time_attention_decode(x, wq, wk, wv, wo, k_cache, v_cache, int(head_dim), int(warmup), int(reps))
+    return Timing.from_times(times)
+
+
 def time_ffn(
     x: torch.Tensor,
     w_up: torch.Tensor,
@@ -191,6 +224,43 @@ def _attention_forward(x, wq, wk, wv, wo, head_dim: int, nq: int, nkv: int, caus
         v = v.repeat_interleave(nq // nkv, dim=1)
     o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return F.linear(o.transpose(1, 2).reshape(B, T, nq * head_dim), wo)
+
+
+def _attention_decode_forward(x, wq, wk, wv, wo, k_cache, v_cache, head_dim: int, nq: int,
+                              nkv: int) -> Optional[torch.Tensor]:
+    if nq == 0:
+        return None
+    B = x.shape[0]
+
+    def heads(y: torch.Tensor, h: int) -> torch.Tensor:
+        return y.view(B, 1, h, head_dim).transpose(1, 2)
+
+    q = heads(F.linear(x, wq), nq)
+    k = torch.cat([k_cache, heads(F.linear(x, wk), nkv)], dim=2)
+    v = torch.cat([v_cache, heads(F.linear(x, wv), nkv)], dim=2)
+    if nkv != nq:
+        k = k.repeat_interleave(nq // nkv, dim=1)
+        v = v.repeat_interleave(nq // nkv, dim=1)
+    o = F.scaled_dot_product_attention(q, k, v)
+    return F.linear(o.transpose(1, 2).reshape(B, 1, nq * head_dim), wo)
+
+
+def _check_decode(x, k_cache, v_cache, nkv: int, head_dim: int) -> None:
+    if x.dim() != 3 or x.shape[1] != 1:
+        raise ValueError(f"ziplm: decode timing takes one new token per sequence: x must be (B, 1, d), got {tuple(x.shape)}")
+    want = (x.shape[0], nkv, k_cache.shape[2] if k_cache.dim() == 4 else -1, head_dim)
+    if k_cache.dim() != 4 or tuple(k_cache.shape) != want or v_cache.shape != k_cache.shape:
+        raise ValueError(f"ziplm: k_cache and v_cache must be (B, nkv, L, head_dim) = {want}, "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+
+
+def attention_decode_block_reference(x, wq, wk, wv, wo, k_cache, v_cache, head_dim: int) -> torch.Tensor:
+    """Output ``(B, 1, d)`` of the decode step that ``time_attention_decode`` times (zeros when removed)."""
+    nq, nkv = _attention_heads(wq, wk, head_dim)
+    _check_decode(x, k_cache, v_cache, nkv, head_dim)
+    with torch.no_grad():
+        y = _attention_decode_forward(x, wq, wk, wv, wo, k_cache, v_cache, head_dim, nq, nkv)
+    return torch.zeros_like(x) if y is None else y
 
 
 def _ffn_forward(x, w_up, w_gate, w_down) -> Optional[torch.Tensor]:
@@ -267,6 +337,15 @@ def reference_time_attention(
     nq, nkv = _attention_heads(wq, wk, head_dim)
     return _perf_counter_loop(x.device, warmup, reps,
                               lambda: _attention_forward(x, wq, wk, wv, wo, head_dim, nq, nkv, causal))
+
+
+def reference_time_attention_decode(x, wq, wk, wv, wo, k_cache, v_cache, head_dim: int, warmup: int = 3,
+                                    reps: int = 20) -> torch.Tensor:
+    """Oracle for ``time_attention_decode``: a Python ``time.perf_counter`` loop over the same step."""
+    nq, nkv = _attention_heads(wq, wk, head_dim)
+    _check_decode(x, k_cache, v_cache, nkv, head_dim)
+    return _perf_counter_loop(x.device, warmup, reps, lambda: _attention_decode_forward(
+        x, wq, wk, wv, wo, k_cache, v_cache, head_dim, nq, nkv))
 
 
 def reference_time_ffn(

@@ -37,6 +37,15 @@ at::Tensor time_attention_cpu(const at::Tensor& x, const at::Tensor& wq, const a
   return time_reps_cpu(warmup, reps, [&] { return slice_timing::attention_block(x, wq, wk, wv, wo, s, causal); });
 }
 
+at::Tensor time_attention_decode_cpu(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wk,
+                                     const at::Tensor& wv, const at::Tensor& wo, const at::Tensor& k_cache,
+                                     const at::Tensor& v_cache, int64_t head_dim, int64_t warmup, int64_t reps) {
+  check_cpu(x);
+  const auto s = slice_timing::check_attention_decode(x, wq, wk, wv, wo, k_cache, v_cache, head_dim, warmup, reps);
+  return time_reps_cpu(warmup, reps,
+                       [&] { return slice_timing::attention_decode_block(x, wq, wk, wv, wo, k_cache, v_cache, s); });
+}
+
 at::Tensor time_ffn_cpu(const at::Tensor& x, const at::Tensor& w_up, const std::optional<at::Tensor>& w_gate,
                         const at::Tensor& w_down, int64_t warmup, int64_t reps) {
   check_cpu(x);
@@ -49,6 +58,7 @@ at::Tensor time_ffn_cpu(const at::Tensor& x, const at::Tensor& w_up, const std::
 
 TORCH_LIBRARY_IMPL(ziplm, CPU, m) {
   m.impl("time_attention", &ziplm::time_attention_cpu);
+  m.impl("time_attention_decode", &ziplm::time_attention_decode_cpu);
   m.impl("time_ffn", &ziplm::time_ffn_cpu);
 }
 
@@ -57,5 +67,6 @@ TORCH_LIBRARY_IMPL(ziplm, CPU, m) {
 // Registered once here because this file is built in every configuration.
 TORCH_LIBRARY_IMPL(ziplm, Autograd, m) {
   m.impl("time_attention", torch::CppFunction::makeFallthrough());
+  m.impl("time_attention_decode", torch::CppFunction::makeFallthrough());
   m.impl("time_ffn", torch::CppFunction::makeFallthrough());
 }

@@ -1,4 +1,4 @@
-// CUDA kernels of ziplm::time_attention and ziplm::time_ffn: GPU latency of one attention / FFN
+// CUDA kernels of ziplm::time_attention(_decode) and ziplm::time_ffn: GPU latency of one attention / FFN
 // block (csrc/slice_timing_block.h) per repetition, measured with one CUDA event pair per
 // repetition on the current stream of x's device.
 //
@@ -77,6 +77,15 @@ at::Tensor time_attention_cuda(const at::Tensor& x, const at::Tensor& wq, const 
                         [&] { return slice_timing::attention_block(x, wq, wk, wv, wo, s, causal); });
 }
 
+at::Tensor time_attention_decode_cuda(const at::Tensor& x, const at::Tensor& wq, const at::Tensor& wk,
+                                      const at::Tensor& wv, const at::Tensor& wo, const at::Tensor& k_cache,
+                                      const at::Tensor& v_cache, int64_t head_dim, int64_t warmup, int64_t reps) {
+  check_cuda(x);
+  const auto s = slice_timing::check_attention_decode(x, wq, wk, wv, wo, k_cache, v_cache, head_dim, warmup, reps);
+  return time_reps_cuda(
+      x, warmup, reps, [&] { return slice_timing::attention_decode_block(x, wq, wk, wv, wo, k_cache, v_cache, s); });
+}
+
 at::Tensor time_ffn_cuda(const at::Tensor& x, const at::Tensor& w_up, const std::optional<at::Tensor>& w_gate,
                          const at::Tensor& w_down, int64_t warmup, int64_t reps) {
   check_cuda(x);
@@ -89,5 +98,6 @@ at::Tensor time_ffn_cuda(const at::Tensor& x, const at::Tensor& w_up, const std:
 
 TORCH_LIBRARY_IMPL(ziplm, CUDA, m) {
   m.impl("time_attention", &ziplm::time_attention_cuda);
+  m.impl("time_attention_decode", &ziplm::time_attention_decode_cuda);
   m.impl("time_ffn", &ziplm::time_ffn_cuda);
 }
