@@ -136,3 +136,74 @@ def test_ffn_levels_round_to_hardware_multiples():
             assert all(k % 16 == 0 for k in e.levels) and e.levels[0] == 96 and e.levels[-1] == 0
         else:
             assert e.levels == list(range(e.layer.num_structures, -1, -1))
+
+
+# ----------------------------------------------------------------------------- pruning a pruned model
+
+
+def _synthetic_table(model, env):
+    """Times proportional to the kept width on the default level grid (no timing in tests)."""
+    from ziplm_ext.database import default_levels
+    from ziplm_ext.latency_table import LatencyTable
+
+    rows = {}
+    for l in get_adapter(model).prunable_layers(model):
+        full = 0.1 if l.kind == "attn" else 0.15
+        rows[l.name] = {c: full * c / l.num_structures for c in set(default_levels(l)) | {0, l.num_structures}}
+    prunable = sum(max(r.values()) for r in rows.values())
+    return LatencyTable(env=env, dense_time=2 * prunable, prunable_time=prunable, layer_times=rows)
+
+
+def test_database_on_a_pruned_model_uses_current_widths():
+    model = tiny_llama()
+    batches = make_batches(calib(), None, 4)
+    db = build_database(model, batches, progress=False)
+    first = {"blocks.0.attn": 0, "blocks.0.ffn": 60, "blocks.1.attn": 1, "blocks.1.ffn": 96}
+    pruned = build_pruned_model(model, db, first)
+    db2 = build_database(pruned, batches, progress=False)
+    assert "blocks.0.attn" not in db2.names()  # removed: nothing left to prune
+    assert db2["blocks.0.ffn"].layer.num_structures == 60 and db2["blocks.0.ffn"].levels[0] == 60
+    second = {"blocks.0.attn": 0, "blocks.0.ffn": 30, "blocks.1.attn": 1, "blocks.1.ffn": 50}
+    loss = StitchedLoss(pruned, db2, calib(4, 16, seed=2), batch_size=2, reference=model)
+    loss.set_levels(second)
+    smaller = build_pruned_model(pruned, db2, second)
+    assert get_adapter(smaller).shapes(smaller) == second
+    ids = calib(2, 16, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(smaller(input_ids=ids).logits, loss.work(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot keep 96 structures, the model has 60"):
+        build_pruned_model(pruned, db2, {"blocks.0.ffn": 96})
+
+
+def _gradual(model, targets, workdir, steps=3):
+    from ziplm_ext.distill import DistillConfig
+
+    env = ziplm_ext.InferenceEnv(seq_len=16)
+    return ziplm_ext.prune(model, calib(8), targets, env, mode="gradual", train_data=calib(16, 16, seed=7),
+                           steps_per_target=steps, distill=DistillConfig(batch_size=4, lr=1e-3), workdir=workdir,
+                           latency_table=_synthetic_table(model, env), measure=False, progress=False,
+                           spdy_evaluations=6, loss_blocks=2)
+
+
+def test_gradual_resume_equals_uninterrupted(tmp_path):
+    model = tiny_llama()
+    full = _gradual(model, [1.3, 1.7], tmp_path / "a")
+    assert [r.target for r in full] == [1.3, 1.7]
+    shapes = [get_adapter(r.model).shapes(r.model) for r in full]
+    assert all(shapes[1][n] <= shapes[0][n] for n in shapes[0])  # each target prunes the previous model
+    for r in full:
+        assert r.predicted_speedup >= r.target * 0.999
+        assert r.training["steps"] == 3 and r.training["tokens_per_second"] > 0
+    # "interrupted" after the first target, then resumed with the full list
+    part = _gradual(model, [1.3], tmp_path / "b")
+    resumed = _gradual(model, [1.3, 1.7], tmp_path / "b")
+    assert (tmp_path / "b" / "gradual" / "target_1.3x" / "state.json").is_file()
+    for a, b, c in zip(full, resumed, [part[0], None]):
+        assert a.levels == b.levels
+        sa, sb = a.model.state_dict(), b.model.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        if c is not None:
+            assert c.levels == a.levels
+    with pytest.raises(ValueError, match="other settings"):
+        _gradual(model, [1.3, 1.7], tmp_path / "b", steps=4)

@@ -12,7 +12,7 @@ import io
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -121,9 +121,16 @@ def default_levels(layer: PrunableLayer, ffn_ratio: float = 0.9, ffn_min_frac: f
 def build_database(model, batches: Sequence[CalibrationBatch], *, damp: float = 0.01,
                    workdir: Optional[str | os.PathLike] = None, levels_fn: Callable = default_levels,
                    progress: bool = True, block_size: int = 128) -> ObsDatabase:
-    """Calibrate block by block and run greedy OBS on every prunable layer (resumable)."""
+    """Calibrate block by block and run greedy OBS on every prunable layer (resumable).
+
+    Works on dense and on already pruned models: each entry's ``layer.num_structures`` is the
+    layer's current count, levels and kept indices refer to the current structures, and removed
+    modules get no entry."""
     adapter: Adapter = get_adapter(model)
-    layers = {l.name: l for l in adapter.prunable_layers(model)}
+    # Structures are counted in the model as it is now (for an already pruned model, e.g. in
+    # gradual pruning, the current widths); removed modules have nothing left to prune.
+    layers = {l.name: replace(l, num_structures=adapter.current_count(model, l))
+              for l in adapter.prunable_layers(model) if not adapter.is_removed(model, l)}
     db_dir = None
     if workdir is not None:
         db_dir = Path(workdir) / "database"

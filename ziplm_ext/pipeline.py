@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -42,11 +42,12 @@ class PrunedResult:
     calibration_loss: float
     num_parameters: int
     metrics: dict[str, float] = field(default_factory=dict)
+    training: dict = field(default_factory=dict)   # fine-tuning statistics (gradual mode, FLOP)
 
     def summary(self) -> dict:
         return dict(target=self.target, levels=self.levels, predicted_speedup=self.predicted_speedup,
                     measured_speedup=self.measured_speedup, calibration_loss=self.calibration_loss,
-                    num_parameters=self.num_parameters, metrics=self.metrics)
+                    num_parameters=self.num_parameters, metrics=self.metrics, training=self.training)
 
 
 @dataclass
@@ -167,7 +168,10 @@ class StitchedLoss:
     model computes.
     """
 
-    def __init__(self, dense: nn.Module, db: ObsDatabase, input_ids: torch.Tensor, batch_size: int = 8):
+    def __init__(self, dense: nn.Module, db: ObsDatabase, input_ids: torch.Tensor, batch_size: int = 8,
+                 reference: Optional[nn.Module] = None):
+        # `dense` is the model the database was built on; `reference` (default: that model) gives
+        # the target outputs, e.g. the dense teacher when pruning an already pruned model further.
         self.db = db
         self.adapter = get_adapter(dense)
         self.work = copy.deepcopy(dense).eval()
@@ -177,7 +181,8 @@ class StitchedLoss:
         self.causal = is_causal_lm(dense)
         self.current: dict[str, int] = {}
         with torch.no_grad():
-            self.reference = [self._forward(dense, b) for b in self._batches()]
+            self.reference = [self._forward(reference if reference is not None else dense, b)
+                              for b in self._batches()]
 
     def _batches(self):
         return [self.ids[i:i + self.bs] for i in range(0, self.ids.shape[0], self.bs)]
@@ -190,6 +195,8 @@ class StitchedLoss:
 
     def set_levels(self, levels: dict[str, int]) -> None:
         for name, count in levels.items():
+            if name not in self.db.entries:
+                continue  # outside the search (an already removed module)
             if self.current.get(name) != count:
                 self.adapter.set_weight(self.work, self.layers[name], self.db.weights(name, count))
                 self.current[name] = count
@@ -217,9 +224,12 @@ def _shrink(dense: nn.Module, levels: dict[str, int], apply) -> nn.Module:
     model = copy.deepcopy(dense).eval()
     adapter = get_adapter(model)
     for layer in adapter.prunable_layers(model):
-        count = levels.get(layer.name, layer.num_structures)
-        if count != layer.num_structures:
-            apply(model, adapter, layer, count)
+        current = adapter.current_count(model, layer)
+        count = levels.get(layer.name, current)
+        if count > current:
+            raise ValueError(f"{layer.name}: cannot keep {count} structures, the model has {current}")
+        if count != current:
+            apply(model, adapter, replace(layer, num_structures=current), count)
     return model
 
 
@@ -296,7 +306,8 @@ def add_module_overheads(table: LatencyTable, model: nn.Module, env: InferenceEn
 class _Problem:
     """Per-layer candidate levels with their times and errors, for one latency table."""
 
-    def __init__(self, db: ObsDatabase, table: LatencyTable):
+    def __init__(self, db: ObsDatabase, table: LatencyTable, fixed: Optional[dict[str, int]] = None):
+        self.fixed = dict(fixed or {})  # layers outside the search (already removed modules): their count
         self.names = db.names()
         self.counts = [db[n].levels for n in self.names]
         self.errors = [np.asarray(db[n].errors) for n in self.names]
@@ -308,10 +319,11 @@ class _Problem:
         self.times = [np.asarray([table.layer_time(n, c) for c in cs]) for n, cs in zip(self.names, self.counts)]
 
     def to_levels(self, idx: Sequence[int]) -> dict[str, int]:
-        return {n: int(cs[i]) for n, cs, i in zip(self.names, self.counts, idx)}
+        return {**self.fixed, **{n: int(cs[i]) for n, cs, i in zip(self.names, self.counts, idx)}}
 
     def budget(self, target: float) -> float:
-        return self.table.budget(target)
+        fixed_time = sum(self.table.layer_time(n, c) for n, c in self.fixed.items())
+        return self.table.budget(target) - fixed_time
 
 
 def search_target(problem: _Problem, target: float, loss: StitchedLoss, *, evaluations: int, seed: int,
@@ -344,28 +356,63 @@ def search_target(problem: _Problem, target: float, loss: StitchedLoss, *, evalu
 
 
 def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = None, *, tokenizer=None,
+          mode: str = "oneshot", train_data=None, steps_per_target: int = 100, distill=None,
           num_calibration_blocks: int = 32, loss_blocks: int = 4, method: str = "ziplm", damp: float = 0.01,
           spdy_evaluations: int = 60, workdir=None, seed: int = 0, progress: bool = True,
           baselines: Sequence[str] = (), eval_data=None, latency_table: Optional[LatencyTable] = None,
           latency_reps: int = 30, measure_rounds: int = 15, max_corrections: int = 2,
-          model_name: Optional[str] = None, ffn_multiple: int = 1) -> PrunedFamily:
+          model_name: Optional[str] = None, ffn_multiple: int = 1, measure: bool = True,
+          flop_options: Optional[dict] = None) -> PrunedFamily:
     """Produce one physically smaller model per speedup target, each measured in `env`.
 
     calibration: LongTensor (N, seq) of token ids, or a list of texts with ``tokenizer=``.
     targets: speedups over the dense model (> 1), measured end to end in `env`.
+    mode: "oneshot" (prune every target from the dense model, no training) or "gradual"
+    (targets in increasing order: fresh Hessians on the current, already pruned model → ZipLM
+    pruning → fine-tuning with distillation from the dense model for `steps_per_target` steps on
+    `train_data` → checkpoint in `workdir` → next target; a re-run with the same workdir resumes
+    after the last finished target). `distill`: a :class:`ziplm_ext.distill.DistillConfig`.
+    method: "ziplm", or "flop" (low-rank factorisation with hard-concrete gates, trained on
+    `train_data` for `steps_per_target` steps per target; see :mod:`ziplm_ext.flop`; extra
+    keyword arguments of :func:`ziplm_ext.flop.flop_prune` go in `flop_options`).
     baselines: any of "uniform" (same width fraction everywhere, OBS updates) and "magnitude"
     (same widths, L2-norm selection, no updates), built and measured like the ZipLM models.
     ffn_multiple: round FFN widths of the level grid to multiples of this (8, 16, 32: hardware-friendly).
     eval_data: held-out data for metrics: a LongTensor of token ids (perplexity, causal LMs) or a
     tuple (input_ids, attention_mask) of sentences (embedding cosine to the dense model, encoders).
+    measure: time every model end to end and correct the table until targets are met (default);
+    False skips the measurements (``measured_speedup`` is None; for tests and dry runs).
     """
-    if method != "ziplm":
-        raise ValueError(f"unknown method {method!r}: one-shot pruning supports method='ziplm'")
+    if method not in ("ziplm", "flop"):
+        raise ValueError(f"unknown method {method!r} (choose ziplm or flop)")
+    if mode not in ("oneshot", "gradual"):
+        raise ValueError(f"unknown mode {mode!r} (choose oneshot or gradual)")
     env = env or InferenceEnv()
     targets = _validate_targets(targets)
+    if method == "flop":
+        if baselines:
+            raise ValueError("baselines are built by method='ziplm' runs only")
+        from .flop import flop_prune
+
+        if train_data is None:
+            raise ValueError("method='flop' trains: give train_data= (token ids or (ids, mask))")
+        _check_train_data(train_data, model)
+        return flop_prune(model, train_data, targets, env, steps=steps_per_target, distill=distill,
+                          eval_data=eval_data, progress=progress, seed=seed, measure_rounds=measure_rounds,
+                          model_name=model_name, tokenizer=tokenizer, **(flop_options or {}))
     for b in baselines:
         if b not in ("uniform", "magnitude"):
             raise ValueError(f"unknown baseline {b!r} (choose from uniform, magnitude)")
+    if ffn_multiple < 1:
+        raise ValueError(f"ffn_multiple must be >= 1, got {ffn_multiple}")
+    if mode == "gradual":
+        if train_data is None:
+            raise ValueError("mode='gradual' fine-tunes after each target: give train_data= (token ids or (ids, mask))")
+        _check_train_data(train_data, model)
+        if steps_per_target < 0:
+            raise ValueError(f"steps_per_target must be >= 0, got {steps_per_target}")
+        if baselines:
+            raise ValueError("baselines are built in mode='oneshot' only")
     adapter = get_adapter(model)  # unsupported architectures fail here, before any work
     model.eval()
     ids = _calibration_tensor(calibration, tokenizer, env, num_calibration_blocks, seed, model)
@@ -373,8 +420,6 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
         raise ValueError(f"calibration data too small: {ids.shape[0]} sequence(s), need at least 2")
     torch.manual_seed(seed)
     stages: dict[str, float] = {}
-    if ffn_multiple < 1:
-        raise ValueError(f"ffn_multiple must be >= 1, got {ffn_multiple}")
     levels_fn = functools.partial(default_levels, ffn_multiple=ffn_multiple)  # one grid for table and database
 
     t0 = time.perf_counter()
@@ -393,68 +438,26 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
         raise UnreachableTargetError(
             f"target(s) {', '.join(f'{t:g}x' for t in unreachable)} unreachable: the most this model can gain in "
             f"this environment is {max_s:.2f}x (every prunable module removed)")
-
-    t0 = time.perf_counter()
-    batches = make_batches(ids, None, batch_size=8)
-    db = build_database(model, batches, damp=damp, workdir=workdir, progress=progress, levels_fn=levels_fn)
-    stages["database"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    loss = StitchedLoss(model, db, ids[:loss_blocks])
-    problem = _Problem(db, latency_table)
-    dense_loss = loss({n: db[n].layer.num_structures for n in db.names()})
-    chosen: dict[float, tuple] = {}
-    for t in targets:
-        chosen[t] = search_target(problem, t, loss, evaluations=spdy_evaluations, seed=seed, progress=progress)
-    stages["search"] = time.perf_counter() - t0
-
-    # Build, measure end to end (interleaved), and re-solve targets the measurement says were missed.
-    t0 = time.perf_counter()
-    from .latency import calibrate_table, measure_speedups
-
-    # Every candidate is measured end to end; the table is re-fitted to all measurements so far and
-    # targets that were missed (or overshot, which wastes accuracy) are re-solved.
-    # Per target only the most accurate candidate that meets it is kept (each is a full model copy).
-    best: dict[float, tuple] = {}  # (levels, loss, model, measured)
-    fastest = {t: 0.0 for t in targets}
-    observations = []
-    todo = list(targets)
-    for round_ in range(max_corrections + 1):
-        built = {t: build_pruned_model(model, db, chosen[t][0]) for t in todo}
-        speeds = measure_speedups(model, [built[t] for t in todo], env, rounds=measure_rounds)
-        last = dict(zip(todo, speeds))
-        for t, sp in last.items():
-            observations.append((chosen[t][0], sp))
-            fastest[t] = max(fastest[t], sp)
-            if sp >= MIN_SPEEDUP_FRACTION * t and (t not in best or chosen[t][1] < best[t][1]):
-                best[t] = (chosen[t][0], chosen[t][1], built[t], sp)
-        del built
-        todo = [t for t in todo if not (MIN_SPEEDUP_FRACTION * t <= last[t] <= MAX_OVERSHOOT * t)]
-        if not todo or round_ == max_corrections:
-            break
-        problem.set_table(calibrate_table(problem.table, observations))
-        for t in list(todo):
-            try:
-                chosen[t] = search_target(problem, t, loss, evaluations=max(20, spdy_evaluations // 2),
-                                          seed=seed + round_ + 1, progress=progress)
-            except UnreachableTargetError:
-                todo.remove(t)
-    stages["measure"] = time.perf_counter() - t0
-
-    results, missed = [], []
-    for t in targets:
-        if t not in best:
-            missed.append(f"{t:g}x measured {fastest[t]:.2f}x")
-            continue
-        levels, cal, m, sp = best.pop(t)
-        results.append(PrunedResult(t, m, levels, problem.table.predict_speedup(levels), sp, cal, num_parameters(m)))
-    if missed:
-        raise UnreachableTargetError(f"could not meet target(s) after {max_corrections} table corrections: "
-                                     f"{'; '.join(missed)} (table maximum {problem.table.max_speedup():.2f}x)")
-
-    t0 = time.perf_counter()
-    base = _baselines(model, db, problem, loss, targets, baselines, env, measure_rounds)
-    stages["baselines"] = time.perf_counter() - t0
+    opts = dict(env=env, seed=seed, progress=progress, spdy_evaluations=spdy_evaluations, damp=damp,
+                measure_rounds=measure_rounds, max_corrections=max_corrections, measure=measure,
+                loss_blocks=loss_blocks)
+    if mode == "gradual":
+        results, table, dense_loss = _gradual(model, ids, targets, latency_table, levels_fn, stages, train_data,
+                                              steps_per_target, distill, workdir, opts)
+        base = {}
+    else:
+        t0 = time.perf_counter()
+        batches = make_batches(ids, None, batch_size=8)
+        db = build_database(model, batches, damp=damp, workdir=workdir, progress=progress, levels_fn=levels_fn)
+        stages["database"] = time.perf_counter() - t0
+        loss = StitchedLoss(model, db, ids[:loss_blocks])
+        problem = _Problem(db, latency_table)
+        dense_loss = loss({n: db[n].layer.num_structures for n in db.names()})
+        results = _solve_targets(model, model, db, problem, loss, targets, stages, opts)
+        table = problem.table
+        t0 = time.perf_counter()
+        base = _baselines(model, db, problem, loss, targets, baselines, env, measure_rounds, measure)
+        stages["baselines"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     dense_metrics = {}
@@ -472,11 +475,175 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
             row.pop("model", None)
     stages["evaluation"] = time.perf_counter() - t0
     name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-    return PrunedFamily(results, env, problem.table, dense_loss, num_parameters(model), dense_metrics, base, stages,
+    return PrunedFamily(results, env, table, dense_loss, num_parameters(model), dense_metrics, base, stages,
                         name, tokenizer)
 
 
-def _baselines(model, db, problem: _Problem, loss: StitchedLoss, targets, kinds, env, rounds) -> dict[str, list]:
+def _check_train_data(train_data, model) -> None:
+    ids = train_data[0] if isinstance(train_data, (tuple, list)) else train_data
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.numel() == 0:
+        raise ValueError("train_data must be a non-empty (N, seq) LongTensor of token ids, or an "
+                         "(input_ids, attention_mask) tuple")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise ValueError(f"train_data token ids out of range for the model's {vocab}-token vocabulary")
+
+
+def _add_stage(stages: dict, key: str, t0: float) -> None:
+    stages[key] = stages.get(key, 0.0) + time.perf_counter() - t0
+
+
+def _solve_targets(base: nn.Module, dense: nn.Module, db: ObsDatabase, problem: _Problem, loss: StitchedLoss,
+                   targets: Sequence[float], stages: dict, opts: dict) -> list[PrunedResult]:
+    """Search every target, build the models from `base`, measure them against `dense` end to end
+    and re-solve missed or overshot targets on a re-fitted table. Returns one result per target."""
+    t0 = time.perf_counter()
+    chosen: dict[float, tuple] = {}
+    for t in targets:
+        chosen[t] = search_target(problem, t, loss, evaluations=opts["spdy_evaluations"], seed=opts["seed"],
+                                  progress=opts["progress"])
+    _add_stage(stages, "search", t0)
+
+    t0 = time.perf_counter()
+    if not opts["measure"]:
+        results = [PrunedResult(t, m, lv, problem.table.predict_speedup(lv), None, cal, num_parameters(m))
+                   for t, (lv, cal, _) in chosen.items() for m in [build_pruned_model(base, db, lv)]]
+        _add_stage(stages, "build", t0)
+        return results
+    from .latency import calibrate_table, measure_speedups
+
+    # Every candidate is measured end to end; the table is re-fitted to all measurements so far and
+    # targets that were missed (or overshot, which wastes accuracy) are re-solved.
+    # Per target only the most accurate candidate that meets it is kept (each is a full model copy).
+    env, rounds, max_corrections = opts["env"], opts["measure_rounds"], opts["max_corrections"]
+    best: dict[float, tuple] = {}  # (levels, loss, model, measured)
+    fastest = {t: 0.0 for t in targets}
+    observations = []
+    todo = list(targets)
+    for round_ in range(max_corrections + 1):
+        built = {t: build_pruned_model(base, db, chosen[t][0]) for t in todo}
+        speeds = measure_speedups(dense, [built[t] for t in todo], env, rounds=rounds)
+        last = dict(zip(todo, speeds))
+        for t, sp in last.items():
+            observations.append((chosen[t][0], sp))
+            fastest[t] = max(fastest[t], sp)
+            if sp >= MIN_SPEEDUP_FRACTION * t and (t not in best or chosen[t][1] < best[t][1]):
+                best[t] = (chosen[t][0], chosen[t][1], built[t], sp)
+        del built
+        todo = [t for t in todo if not (MIN_SPEEDUP_FRACTION * t <= last[t] <= MAX_OVERSHOOT * t)]
+        if not todo or round_ == max_corrections:
+            break
+        problem.set_table(calibrate_table(problem.table, observations))
+        for t in list(todo):
+            try:
+                chosen[t] = search_target(problem, t, loss, evaluations=max(20, opts["spdy_evaluations"] // 2),
+                                          seed=opts["seed"] + round_ + 1, progress=opts["progress"])
+            except UnreachableTargetError:
+                todo.remove(t)
+    _add_stage(stages, "measure", t0)
+
+    results, missed = [], []
+    for t in targets:
+        if t not in best:
+            missed.append(f"{t:g}x measured {fastest[t]:.2f}x")
+            continue
+        levels, cal, m, sp = best.pop(t)
+        results.append(PrunedResult(t, m, levels, problem.table.predict_speedup(levels), sp, cal, num_parameters(m)))
+    if missed:
+        raise UnreachableTargetError(f"could not meet target(s) after {max_corrections} table corrections: "
+                                     f"{'; '.join(missed)} (table maximum {problem.table.max_speedup():.2f}x)")
+    return results
+
+
+# ----------------------------------------------------------------------------- gradual mode
+
+GRADUAL_DIR = "gradual"
+CHECKPOINT_STATE = "state.json"
+
+
+def _gradual(dense: nn.Module, ids: torch.Tensor, targets: Sequence[float], table: LatencyTable, levels_fn,
+             stages: dict, train_data, steps: int, distill, workdir, opts: dict):
+    """Gradual ZipLM (ZIPLM.md §6): for increasing targets, prune the current model with fresh
+    Hessians, fine-tune it with distillation from the dense model, checkpoint, continue.
+
+    Levels stay on the dense model's grid (a layer at width w can go to any grid width <= w), so
+    one latency table, measured on the dense model, prices every stage. Checkpoints live in
+    ``workdir/gradual/target_<s>x/`` (the pruned, fine-tuned model plus ``state.json``), each
+    written atomically; a re-run with the same workdir, data and seed loads the finished targets
+    and continues after the last one."""
+    from .distill import DistillConfig, finetune
+    from .export import load_pruned, save_pruned
+
+    adapter = get_adapter(dense)
+    grid = {l.name: sorted(set(levels_fn(l)) | {0, l.num_structures}) for l in adapter.prunable_layers(dense)}
+    cfg = distill or DistillConfig()
+    root = Path(workdir) / GRADUAL_DIR if workdir is not None else None
+    current = dense
+    results: list[PrunedResult] = []
+    dense_loss = 0.0
+    for i, t in enumerate(targets):
+        ck = root / result_dirname(t) if root is not None else None
+        if ck is not None and (ck / CHECKPOINT_STATE).is_file():
+            state = json.loads((ck / CHECKPOINT_STATE).read_text())
+            if state.get("seed") != opts["seed"] or state.get("steps") != steps or state.get("stage") != i:
+                raise ValueError(f"checkpoint {ck} was written with other settings (seed/steps/targets); "
+                                 "use a fresh workdir")
+            current = load_pruned(ck / "model")
+            results.append(PrunedResult(t, current, state["levels"], state["predicted_speedup"],
+                                        state["measured_speedup"], state["calibration_loss"],
+                                        num_parameters(current), training=state["training"]))
+            dense_loss = state["dense_calibration_loss"]
+            continue
+
+        t0 = time.perf_counter()
+        stage_dir = root / f"stage_{i}" if root is not None else None
+
+        def stage_levels(layer, _grid=grid):  # the dense grid below the layer's current width
+            return [c for c in _grid[layer.name] if c <= layer.num_structures]
+
+        db = build_database(current, make_batches(ids, None, batch_size=8), damp=opts["damp"], workdir=stage_dir,
+                            progress=opts["progress"], levels_fn=stage_levels)
+        _add_stage(stages, "database", t0)
+        fixed = {l.name: 0 for l in adapter.prunable_layers(current) if adapter.is_removed(current, l)}
+        loss = StitchedLoss(current, db, ids[:opts["loss_blocks"]], reference=dense)
+        if i == 0:
+            dense_loss = loss({n: db[n].layer.num_structures for n in db.names()})
+        problem = _Problem(db, table, fixed=fixed)
+        (res,) = _solve_targets(current, dense, db, problem, loss, [t], stages, opts)
+        table = problem.table  # keep corrections for the next stage
+
+        t0 = time.perf_counter()
+        stats = finetune(res.model, dense, train_data, steps, replace(cfg, seed=cfg.seed + i),
+                         progress=opts["progress"], desc=f"distill {t:g}x")
+        res.model.eval()
+        res.training = dict(steps=stats.steps, tokens=stats.tokens, seconds=stats.seconds,
+                            tokens_per_second=stats.tokens_per_second, final=stats.final)
+        _add_stage(stages, "finetune", t0)
+        if ck is not None:
+            _write_checkpoint(ck, res, dict(seed=opts["seed"], steps=steps, stage=i, dense_calibration_loss=dense_loss),
+                              save_pruned)
+        results.append(res)
+        current = res.model
+    return results, table, dense_loss
+
+
+def _write_checkpoint(ck: Path, res: PrunedResult, extra: dict, save_pruned) -> None:
+    ck.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{ck.name}.", dir=ck.parent))
+    try:
+        save_pruned(res.model, tmp / "model")
+        state = dict(res.summary(), **extra)
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1, default=float))
+        if ck.exists():
+            shutil.rmtree(ck)
+        os.replace(tmp, ck)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _baselines(model, db, problem: _Problem, loss: StitchedLoss, targets, kinds, env, rounds,
+               measure: bool = True) -> dict[str, list]:
     out: dict[str, list] = {}
     if not kinds:
         return out
@@ -493,7 +660,8 @@ def _baselines(model, db, problem: _Problem, loss: StitchedLoss, targets, kinds,
             cal = loss(levels) if kind == "uniform" else None
             built.append((kind, dict(target=t, levels=levels, predicted_speedup=problem.table.predict_speedup(levels),
                                      calibration_loss=cal, num_parameters=num_parameters(m), model=m)))
-    speeds = measure_speedups(model, [row["model"] for _, row in built], env, rounds=rounds)
+    speeds = (measure_speedups(model, [row["model"] for _, row in built], env, rounds=rounds) if measure
+              else [None] * len(built))
     for (kind, row), s in zip(built, speeds):
         row["measured_speedup"] = s
         out.setdefault(kind, []).append(row)
