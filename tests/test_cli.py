@@ -455,3 +455,33 @@ def test_eval_missing_model(tmp_path, textfile, capsys):
     rc, _, err = run(["eval", "--model", tmp_path / "none", "--data", textfile], capsys)
     assert rc == 2
     assert_one_line_error(err)
+
+
+def test_prune_gradual_and_flop_pass_training_options(tmp_path, textfile, fake_models, fake_prune, capsys):
+    from ziplm_ext.distill import DistillConfig
+
+    argv = prune_argv(tmp_path / "g", textfile) + ["--seq-len", "16", "--gradual", "--train-steps", "5",
+                                                  "--train-blocks", "3", "--train-batch-size", "2", "--lr", "3e-4",
+                                                  "--temperature", "4", "--hidden-weight", "0.5"]
+    rc, _, err = run(argv, capsys)
+    assert rc == 0, err
+    call = fake_prune.calls[-1]
+    assert call["mode"] == "gradual" and call["method"] == "ziplm" and call["steps_per_target"] == 5
+    assert tuple(call["train_data"].shape) == (3, 16)
+    assert call["distill"] == DistillConfig(lr=3e-4, temperature=4.0, hidden_weight=0.5, batch_size=2, seed=0)
+    rc, _, err = run(prune_argv(tmp_path / "f", textfile) + ["--seq-len", "16", "--method", "flop"], capsys)
+    assert rc == 0, err
+    assert fake_prune.calls[-1]["method"] == "flop" and fake_prune.calls[-1]["mode"] == "oneshot"
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--gradual", "--method", "flop"], "--gradual applies to --method ziplm only"),
+    (["--gradual", "--baselines", "uniform"], "--baselines are built by one-shot ZipLM runs only"),
+    (["--method", "flop", "--lr", "-1"], "lr"),
+])
+def test_prune_training_option_errors(extra, match, tmp_path, textfile, fake_models, fake_prune, capsys):
+    rc, _, err = run(prune_argv(tmp_path / "o", textfile) + ["--seq-len", "16"] + extra, capsys)
+    assert rc != 0
+    assert_one_line_error(err)
+    assert match in err
+    assert not (tmp_path / "o").exists()

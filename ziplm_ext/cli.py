@@ -108,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round FFN widths to multiples of K, e.g. 16 for hardware-friendly shapes (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t = p.add_argument_group("training (gradual ZipLM and FLOP)")
+    t.add_argument("--method", default="ziplm", choices=("ziplm", "flop"),
+                   help="ziplm (OBS structured pruning, default) or flop (low-rank factorisation with L0 gates, trains)")
+    t.add_argument("--gradual", action="store_true",
+                   help="gradual ZipLM: prune the targets in increasing order, fine-tuning with distillation from "
+                        "the dense model after each (resumable with --workdir)")
+    t.add_argument("--train-steps", type=_positive_int, default=100, metavar="N",
+                   help="fine-tuning steps per target (gradual) / training steps per target (flop) (default: 100)")
+    t.add_argument("--train-blocks", type=_positive_int, default=256, metavar="N",
+                   help="training blocks (causal LM) or sentences (encoders) from the training text (default: 256)")
+    t.add_argument("--train-batch-size", type=_positive_int, default=8, metavar="N", help="(default: 8)")
+    t.add_argument("--lr", type=_float, default=1e-4, help="fine-tuning learning rate (default: 1e-4)")
+    t.add_argument("--temperature", type=_float, default=2.0, help="distillation temperature (default: 2)")
+    t.add_argument("--task-weight", type=_float, default=1.0, help="LM cross-entropy weight (default: 1)")
+    t.add_argument("--logit-weight", type=_float, default=1.0, help="logit KL weight (default: 1)")
+    t.add_argument("--hidden-weight", type=_float, default=1.0, help="per-layer hidden-state MSE weight (default: 1)")
     p.set_defaults(func=cmd_prune)
 
     # ---- latency
@@ -282,6 +298,10 @@ def cmd_prune(args) -> int:
             raise CLIError("--workdir must not be inside --out (the output directory is written atomically)")
     if not (math.isfinite(args.damp) and args.damp >= 0):
         raise CLIError(f"--damp must be a finite number >= 0, got {args.damp:g}")
+    if args.gradual and args.method == "flop":
+        raise CLIError("--gradual applies to --method ziplm only")
+    if (args.gradual or args.method == "flop") and args.baselines:
+        raise CLIError("--baselines are built by one-shot ZipLM runs only")
 
     from . import models as M
 
@@ -304,12 +324,25 @@ def cmd_prune(args) -> int:
     else:
         eval_data = D.sentence_batches(eval_texts, tok, args.seq_len, 8 * args.num_eval, seed=args.seed)
 
+    training = {}
+    if args.gradual or args.method == "flop":
+        from .distill import DistillConfig
+
+        distill = DistillConfig(task_weight=args.task_weight, logit_weight=args.logit_weight,
+                                hidden_weight=args.hidden_weight, temperature=args.temperature, lr=args.lr,
+                                batch_size=args.train_batch_size, seed=args.seed)
+        if is_causal_lm(model):
+            train = D.token_blocks(texts, tok, args.seq_len, args.train_blocks, seed=args.seed + 1)
+        else:
+            train = D.sentence_batches(texts, tok, args.seq_len, args.train_blocks, seed=args.seed + 1)
+        training = dict(mode="gradual" if args.gradual else "oneshot", train_data=train,
+                        steps_per_target=args.train_steps, distill=distill)
     P = importlib.import_module(".pipeline", __package__)
     family = P.prune(model, texts, targets, env, tokenizer=tok, num_calibration_blocks=args.num_calibration,
                      damp=args.damp, spdy_evaluations=args.spdy_evaluations,
                      workdir=str(workdir) if workdir is not None else None, seed=args.seed,
                      progress=not args.no_progress, baselines=tuple(args.baselines), eval_data=eval_data,
-                     model_name=str(args.model), ffn_multiple=args.ffn_multiple)
+                     model_name=str(args.model), ffn_multiple=args.ffn_multiple, method=args.method, **training)
     family.save(str(out))
     from .report import write_report
 
