@@ -341,3 +341,26 @@ def test_search_module_imports_numpy_only():
     assert "torch" not in mods
     assert not any(m.startswith(".") for m in mods)
     assert mods <= {"__future__", "itertools", "math", "dataclasses", "typing", "numpy"}
+
+
+def test_uniform_per_kind_fits_tightest_and_beats_single_fraction():
+    from ziplm_ext.search import uniform_per_kind_levels
+
+    # 2 attention layers with 3 structures (coarse), 2 FFN layers with a fine grid
+    counts = [[3, 2, 1, 0], [3, 2, 1, 0], list(range(10, -1, -1)), list(range(10, -1, -1))]
+    times = [[3.0, 2.0, 1.0, 0.0], [3.0, 2.0, 1.0, 0.0], [float(c) for c in range(10, -1, -1)],
+             [float(c) for c in range(10, -1, -1)]]
+    kinds = ["attn", "attn", "ffn", "ffn"]
+    budget = 24.0  # dense 26
+    single = uniform_levels(counts, times, budget, kinds)
+    per_kind = uniform_per_kind_levels(counts, times, budget, kinds)
+    t_single = sum(times[l][i] for l, i in enumerate(single))
+    t_kind = sum(times[l][i] for l, i in enumerate(per_kind))
+    assert t_kind <= budget and t_kind == 24.0 and t_single < t_kind
+    # one width per kind
+    assert counts[0][per_kind[0]] == counts[1][per_kind[1]] and counts[2][per_kind[2]] == counts[3][per_kind[3]]
+    # brute force over per-kind fractions: nothing fits tighter
+    best = max(sum(a for _ in range(2)) + 2 * f for a in range(4) for f in range(11) if 2 * a + 2 * f <= budget)
+    assert t_kind == best
+    with pytest.raises(UnreachableTargetError):
+        uniform_per_kind_levels(counts, times, -1.0, kinds)

@@ -26,7 +26,7 @@ from .adapters import get_adapter
 from .calibrate import make_batches
 from .database import ObsDatabase, build_database, default_levels
 from .latency_table import InferenceEnv, LatencyTable
-from .search import UnreachableTargetError, spdy_search, uniform_levels
+from .search import UnreachableTargetError, spdy_search, uniform_levels, uniform_per_kind_levels
 
 MIN_SPEEDUP_FRACTION = 0.97  # a delivered model must measure at least this fraction of its target
 MAX_OVERSHOOT = 1.10         # beyond this the model was pruned more than needed: re-fit and re-solve
@@ -375,8 +375,9 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
     method: "ziplm", or "flop" (low-rank factorisation with hard-concrete gates, trained on
     `train_data` for `steps_per_target` steps per target; see :mod:`ziplm_ext.flop`; extra
     keyword arguments of :func:`ziplm_ext.flop.flop_prune` go in `flop_options`).
-    baselines: any of "uniform" (same width fraction everywhere, OBS updates) and "magnitude"
-    (same widths, L2-norm selection, no updates), built and measured like the ZipLM models.
+    baselines: any of "uniform" (one width fraction for all attention layers and one for all FFNs,
+    chosen to meet the target as tightly as possible; OBS updates) and "magnitude" (same widths,
+    L2-norm selection, no updates), built and measured like the ZipLM models.
     ffn_multiple: round FFN widths of the level grid to multiples of this (8, 16, 32: hardware-friendly).
     eval_data: held-out data for metrics: a LongTensor of token ids (perplexity, causal LMs) or a
     tuple (input_ids, attention_mask) of sentences (embedding cosine to the dense model, encoders).
@@ -652,7 +653,8 @@ def _baselines(model, db, problem: _Problem, loss: StitchedLoss, targets, kinds,
     built = []
     for t in targets:
         try:
-            levels = problem.to_levels(uniform_levels(problem.counts, problem.times, problem.budget(t), problem.kinds))
+            levels = problem.to_levels(uniform_per_kind_levels(problem.counts, problem.times, problem.budget(t),
+                                                               problem.kinds))
         except UnreachableTargetError:
             continue
         for kind in kinds:

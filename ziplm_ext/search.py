@@ -14,6 +14,7 @@ arrays (``errors[l]``, ``times[l]``, ``level_counts[l]``), not a structure count
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
@@ -414,3 +415,51 @@ def uniform_levels(
     does not fit.
     """
     return uniform_allocation(level_counts, times, budget, kinds, prune_kinds)[0]
+
+
+def uniform_per_kind_levels(
+    level_counts: Sequence[Sequence[int]],
+    times: Sequence[Sequence[float]],
+    budget: float,
+    kinds: Sequence[str],
+) -> List[int]:
+    """Uniform baseline with one width fraction per layer kind (e.g. one for all attention
+    layers, one for all FFNs), chosen to meet ``budget`` as tightly as possible.
+
+    A single shared fraction moves in coarse steps when one kind has few structures (3 KV
+    groups: 1, 2/3, 1/3, 0), so the plain uniform model often lands far beyond its target.
+    Here every combination of per-kind fractions (each from that kind's candidate fractions,
+    with :func:`uniform_levels`' rounding) is tried, and the one with the largest predicted
+    time that still fits the budget is returned (ties: the larger fraction of the first kind).
+    Still "the same width in every layer of a kind": no per-layer choice is made.
+
+    Raises :class:`UnreachableTargetError` if no combination fits.
+    """
+    if len(kinds) != len(level_counts):
+        raise ValueError(f"kinds has {len(kinds)} entries, expected {len(level_counts)}")
+    names = sorted(set(kinds))
+    T = [np.asarray(t, dtype=np.float64).reshape(-1) for t in times]
+    per_kind = {}
+    for k in names:
+        fr = {0.0, 1.0}
+        for c, kk in zip(level_counts, kinds):
+            if kk == k and max(c) > 0:
+                fr.update(float(x) / max(c) for x in c)
+        per_kind[k] = sorted(fr, reverse=True)
+    best, best_t = None, -1.0
+    for combo in itertools.product(*(per_kind[k] for k in names)):
+        frac = dict(zip(names, combo))
+        levels = []
+        for c, kk in zip(level_counts, kinds):
+            c = np.asarray(c, dtype=np.int64).reshape(-1)
+            full = int(c.max())
+            target = frac[kk] * full
+            ok = c <= target + 1e-9 * max(full, 1)
+            idx = np.flatnonzero(c == (c[ok].max() if ok.any() else c.min()))
+            levels.append(int(idx[np.argmin(T[len(levels)][idx])]))
+        t = total_time(T, levels)
+        if t <= budget and t > best_t:
+            best, best_t = levels, t
+    if best is None:
+        raise UnreachableTargetError(f"no per-kind uniform allocation fits the time budget {budget:.6g}s")
+    return best
