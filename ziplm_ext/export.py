@@ -10,6 +10,16 @@ Directory layout written by :func:`save_pruned`::
     ziplm_buffers.safetensors   non-persistent buffers (e.g. RoPE ``inv_freq``,
                                 ``position_ids``), so that loading is bit-exact
 
+FLOP models (:mod:`ziplm_ext.flop`, after ``export_flop_model``): ``ziplm_shapes.json`` also
+lists every exported FLOP layer under ``"flop_layers"``: module path, ``kind`` (``"low_rank"``:
+a :class:`~ziplm_ext.flop.LowRankLinear`; ``"dense"``: a layer folded back into its original
+``nn.Linear`` / ``Conv1D`` because the thin pair would not be smaller), ``in``, ``out``, ``rank``,
+``bias``, ``dtype`` and the module class.  :func:`load_pruned` replaces the ``"low_rank"``
+modules of the model built on the ``meta`` device by empty ``LowRankLinear`` of the recorded
+shapes before materialising it; ``"dense"`` layers have the dense shapes already.  A save with
+low-rank layers is written with ``format_version`` 2 and ``"hf_loadable": false`` (no HF
+config expresses a factorised projection); ZipLM saves are unchanged (``format_version`` 1).
+
 :func:`load_pruned` builds the *dense* model from the dense config on the ``meta``
 device (no memory, no init), applies ``adapter.slice(layer, range(k))`` per layer to get
 the pruned shapes (a removed module for ``k == 0``), materialises the (small) pruned model
@@ -47,13 +57,14 @@ from pathlib import Path
 import torch
 
 from .adapters import get_adapter
+from .adapters.base import is_conv1d
 
 __all__ = ["save_pruned", "load_pruned", "PrunedSaveError", "SHAPES_FILE", "WEIGHTS_FILE", "BUFFERS_FILE"]
 
 SHAPES_FILE = "ziplm_shapes.json"
 WEIGHTS_FILE = "model.safetensors"
 BUFFERS_FILE = "ziplm_buffers.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: FLOP low-rank layers ("flop_layers"); saves without them are still written as 1
 
 
 class PrunedSaveError(OSError):
@@ -98,12 +109,35 @@ def _non_persistent_buffers(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _flop_layers(model) -> list[dict]:
+    """Records of the exported FLOP layers of ``model`` (see the module docstring)."""
+    from .flop import FactorizedLinear, LowRankLinear
+
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, FactorizedLinear):
+            raise ValueError(f"save_pruned: {path} is a FactorizedLinear (a FLOP model in training); "
+                             "save the result of ziplm_ext.flop.export_flop_model instead")
+        if isinstance(m, LowRankLinear):
+            out.append({"path": path, "kind": "low_rank", "module": "LowRankLinear", "in": m.in_features,
+                        "out": m.out_features, "rank": m.rank, "bias": m.bias is not None,
+                        "dtype": _dtype_name(m.up.weight.dtype)})
+        elif getattr(m, "flop_folded", False):
+            w = m.weight
+            n_in, n_out = (w.shape[0], w.shape[1]) if is_conv1d(m) else (w.shape[1], w.shape[0])
+            out.append({"path": path, "kind": "dense", "module": type(m).__name__, "in": int(n_in),
+                        "out": int(n_out), "rank": int(getattr(m, "flop_rank", min(n_in, n_out))),
+                        "bias": getattr(m, "bias", None) is not None, "dtype": _dtype_name(w.dtype)})
+    return out
+
+
 def save_pruned(model, directory, extra: dict | None = None) -> Path:
     """Save a (possibly physically pruned) model atomically into ``directory``.
 
     ``extra`` is JSON-serialisable metadata stored in ``ziplm_shapes.json``.  An existing
     ``directory`` is replaced only if it is empty or a previous ``save_pruned`` output.
-    Raises :class:`PrunedSaveError` (one-line message) if the directory cannot be written.
+    Raises :class:`PrunedSaveError` (one-line message) if the directory cannot be written, and
+    ``ValueError`` for a FLOP model still in its training form (``FactorizedLinear`` layers).
     Returns the target path.
     """
     from safetensors.torch import save_file
@@ -116,10 +150,15 @@ def save_pruned(model, directory, extra: dict | None = None) -> Path:
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_pruned: `extra` must be JSON-serialisable ({e})") from None
 
+    flop_layers = _flop_layers(model)
+    low_rank = any(r["kind"] == "low_rank" for r in flop_layers)
     hf_cfg_dict, reason = adapter.hf_config_for_shapes(model.config, shapes)
+    if low_rank:
+        hf_cfg_dict, reason = None, ("FLOP low-rank layers (LowRankLinear: two thin matrices per projection) "
+                                     "cannot be expressed in an HF config; use ziplm_ext.load_pruned")
     dense_cfg = model.config.to_dict()
     meta = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if low_rank else 1,
         "family": adapter.family,
         "model_class": type(model).__name__,
         "config_class": type(model.config).__name__,
@@ -133,6 +172,8 @@ def save_pruned(model, directory, extra: dict | None = None) -> Path:
         "tied": {},
         "extra": extra_json,
     }
+    if flop_layers:
+        meta["flop_layers"] = flop_layers
     tensors, tied = _dedup_state_dict(model.state_dict())
     meta["tied"] = tied
     buffers = {k: v.detach().contiguous().cpu().clone() for k, v in _non_persistent_buffers(model).items()}
@@ -199,6 +240,26 @@ def _get_by_name(model, name: str):
     return getattr(owner, attr)
 
 
+def _build_flop_layers(model, records: list[dict], directory) -> None:
+    """Replace the recorded FLOP low-rank layers of the (meta-device) model by empty LowRankLinear."""
+    if not records:
+        return
+    from .flop import LowRankLinear
+
+    for r in records:
+        try:
+            current = model.get_submodule(r["path"])
+        except AttributeError:
+            raise ValueError(f"{directory}: FLOP layer {r['path']!r} not found in the model built from "
+                             "its config") from None
+        if r["kind"] == "low_rank":
+            dev = next(current.parameters()).device
+            _set_by_name(model, r["path"], LowRankLinear(r["in"], r["out"], r["rank"], bias=r["bias"],
+                                                         dtype=getattr(torch, r["dtype"]), device=dev))
+        elif r["kind"] != "dense":
+            raise ValueError(f"{directory}: unknown FLOP layer kind {r['kind']!r} for {r['path']}")
+
+
 @torch.no_grad()
 def load_pruned(directory, device: str | torch.device = "cpu"):
     """Load a model written by :func:`save_pruned` (eval mode, exact weights and shapes)."""
@@ -233,6 +294,7 @@ def load_pruned(directory, device: str | torch.device = "cpu"):
         adapter.slice(model, layer, range(saved_shapes[layer.name]))
     if adapter.shapes(model) != saved_shapes:  # pragma: no cover - defensive
         raise RuntimeError(f"{directory}: could not reproduce the saved shapes")
+    _build_flop_layers(model, meta.get("flop_layers", []), directory)
 
     model.to_empty(device=device)
     # non-persistent buffers: HF's own initialisation first, then the exact saved values
