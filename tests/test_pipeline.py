@@ -207,3 +207,22 @@ def test_gradual_resume_equals_uninterrupted(tmp_path):
             assert c.levels == a.levels
     with pytest.raises(ValueError, match="other settings"):
         _gradual(model, [1.3, 1.7], tmp_path / "b", steps=4)
+
+
+def test_prune_routes_flop_and_checks_training_input(monkeypatch):
+    import ziplm_ext.flop as F
+
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="method='flop' trains: give train_data="):
+        ziplm_ext.prune(model, calib(), [1.5], method="flop")
+    with pytest.raises(ValueError, match="mode='gradual' fine-tunes after each target"):
+        ziplm_ext.prune(model, calib(), [1.5], mode="gradual")
+    with pytest.raises(ValueError, match="train_data token ids out of range"):
+        ziplm_ext.prune(model, calib(), [1.5], mode="gradual", train_data=torch.full((2, 8), 999))
+    with pytest.raises(ValueError, match="unknown mode"):
+        ziplm_ext.prune(model, calib(), [1.5], mode="sometimes")
+    seen = {}
+    monkeypatch.setattr(F, "flop_prune", lambda *a, **kw: seen.update(args=a, kw=kw) or "family")
+    assert ziplm_ext.prune(model, calib(), [2, 1.5], method="flop", train_data=calib(4), steps_per_target=7,
+                           flop_options=dict(gate_lr=0.3)) == "family"
+    assert seen["args"][2] == [1.5, 2.0] and seen["kw"]["steps"] == 7 and seen["kw"]["gate_lr"] == 0.3

@@ -111,3 +111,14 @@ def test_markdown_from_minimal_namespace():
                           model_name=None)
     md = render_markdown(fam)
     assert "No pruned results." in md
+
+
+def test_report_labels_the_family_method_and_handles_no_table(tmp_path):
+    fam = make_family()
+    fam.method = "FLOP"
+    fam.latency_table = None
+    fam.baselines = {}
+    md = render_markdown(fam)
+    assert "| FLOP | 1.50x" in md and "| ZipLM |" not in md
+    md_path, png_path = write_report(fam, tmp_path / "r")
+    assert png_path.read_bytes()[:8] == PNG_MAGIC

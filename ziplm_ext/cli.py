@@ -369,7 +369,7 @@ def summary_table(family) -> str:
     dq = getattr(family, "dense_calibration_loss", None) if key == "calibration_loss" else (getattr(family, "dense_metrics", None) or {}).get(key)
     lines.append(f"{'dense':<10} {'-':>7} {'1.00x':>7} {'1.00x':>9} "
                  f"{f(getattr(family, 'dense_num_parameters', None), ','):>12} {f(dq, '.4g'):>11}")
-    for r in sorted(_rows(family), key=lambda r: (r["target"] or 0, r["method"] != "ZipLM", r["method"])):
+    for r in sorted(_rows(family), key=lambda r: (r["target"] or 0, not r.get("main"), r["method"])):
         q = r["calibration_loss"] if key == "calibration_loss" else r["metrics"].get(key)
         params = None if r["num_parameters"] is None else int(r["num_parameters"])
         lines.append(f"{r['method'][:10]:<10} {f(r['target'], '.2f') + 'x':>7} "

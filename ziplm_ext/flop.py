@@ -887,6 +887,7 @@ def flop_prune(model: nn.Module, train_data, targets, env: Optional[InferenceEnv
         del info
     stages["evaluation"] = time.perf_counter() - t0
     name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-    family = PrunedFamily(results, env, None, 0.0, num_parameters(model), dense_metrics, {}, stages, name, tokenizer)
+    family = PrunedFamily(results, env, None, 0.0, num_parameters(model), dense_metrics, {}, stages, name, tokenizer,
+                          method="FLOP")
     family.speedup_curve = curve  # not part of PrunedFamily's fields (nor of family.json)
     return family

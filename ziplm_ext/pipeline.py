@@ -62,6 +62,7 @@ class PrunedFamily:
     stage_seconds: dict[str, float]
     model_name: str
     tokenizer: object = None
+    method: str = "ZipLM"   # label of the results in reports: "ZipLM", "ZipLM gradual", "FLOP"
 
     def __iter__(self):
         return iter(self.results)
@@ -74,7 +75,7 @@ class PrunedFamily:
 
     def summary(self) -> dict:
         dense_time = self.latency_table.dense_time if self.latency_table is not None else None
-        return dict(model_name=self.model_name, env=self.env.to_dict(), dense_time=dense_time,
+        return dict(model_name=self.model_name, method=self.method, env=self.env.to_dict(), dense_time=dense_time,
                     dense_calibration_loss=self.dense_calibration_loss, dense_num_parameters=self.dense_num_parameters,
                     dense_metrics=self.dense_metrics, results=[r.summary() for r in self.results],
                     baselines=self.baselines, stage_seconds=self.stage_seconds)
@@ -477,7 +478,7 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
     stages["evaluation"] = time.perf_counter() - t0
     name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
     return PrunedFamily(results, env, table, dense_loss, num_parameters(model), dense_metrics, base, stages,
-                        name, tokenizer)
+                        name, tokenizer, method="ZipLM gradual" if mode == "gradual" else "ZipLM")
 
 
 def _check_train_data(train_data, model) -> None:

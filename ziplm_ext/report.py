@@ -113,12 +113,19 @@ def _md_escape(s: Any) -> str:
 # --------------------------------------------------------------------------
 # rows
 # --------------------------------------------------------------------------
+def main_method(family) -> str:
+    """Label of the family's own results (``family.method``; "ZipLM" when absent)."""
+    return str(_get(family, "method", None) or "ZipLM")
+
+
 def _rows(family) -> list[dict]:
-    """One dict per (method, target): method, target, predicted, measured, loss, params, metrics."""
+    """One dict per (method, target): method, target, predicted, measured, loss, params, metrics
+    (``main`` is True for the family's own results, False for baselines)."""
     rows = []
     for r in list(_get(family, "results") or []):
         rows.append({
-            "method": "ZipLM",
+            "method": main_method(family),
+            "main": True,
             "target": _num(_get(r, "target")),
             "predicted_speedup": _num(_get(r, "predicted_speedup")),
             "measured_speedup": _num(_get(r, "measured_speedup")),
@@ -268,7 +275,7 @@ def render_markdown(family, png_name: str | None = REPORT_PNG) -> str:
     dense_row += [_fmt(dense_metrics.get(k)) for k in mkeys]
     L.append("| " + " | ".join(dense_row) + " |")
     by_target = sorted(rows, key=lambda r: (r["target"] if r["target"] is not None else math.inf,
-                                            r["method"] != "ZipLM", r["method"]))
+                                            not r.get("main"), r["method"]))
     for r in by_target:
         cells = [_md_escape(r["method"]), _fmt_speedup(r["target"]), _fmt_speedup(r["predicted_speedup"]),
                  _fmt_speedup(r["measured_speedup"]), _fmt(r["calibration_loss"]), _fmt_params(r["num_parameters"])]
@@ -319,7 +326,8 @@ def render_png(family) -> bytes:
         ax.annotate("dense", (1.0, dense_q), textcoords="offset points", xytext=(6, 6), fontsize=8)
         ys_all.append(dense_q)
 
-    methods = ["ZipLM"] + sorted({r["method"] for r in rows if r["method"] != "ZipLM"})
+    main = main_method(family)
+    methods = [main] + sorted({r["method"] for r in rows if r["method"] != main})
     markers = ["o", "s", "^", "D", "v", "P", "X"]
     used_predicted = False
     for i, m in enumerate(methods):
@@ -328,7 +336,7 @@ def render_png(family) -> bytes:
             if r["method"] != m:
                 continue
             x = r["measured_speedup"]
-            if x is None and m == "ZipLM" and r["predicted_speedup"] is not None:
+            if x is None and m == main and r["predicted_speedup"] is not None:
                 x, used_predicted = r["predicted_speedup"], True  # no measurement: plot the prediction
             y = _quality(r, key)
             if x is not None and y is not None:
@@ -336,12 +344,12 @@ def render_png(family) -> bytes:
         if not pts:
             continue
         pts.sort()
-        if dense_q is not None and m == "ZipLM":
+        if dense_q is not None and m == main:
             pts = [(1.0, dense_q)] + pts
         xs, ys = zip(*pts)
         ys_all += list(ys)
-        ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=2.0 if m == "ZipLM" else 1.2,
-                linestyle="-" if m == "ZipLM" else "--", label=m, zorder=4 if m == "ZipLM" else 3)
+        ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=2.0 if m == main else 1.2,
+                linestyle="-" if m == main else "--", label=m, zorder=4 if m == main else 3)
 
     targets = sorted({_target_key(r["target"]) for r in rows if _target_key(r["target"]) is not None})
     for j, t in enumerate(targets):
