@@ -23,10 +23,8 @@ Writes results.json, comparison.md and quality_vs_speedup.png into --out.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -132,11 +130,13 @@ def main(argv=None) -> int:
 
         log("FLOP + distillation")
         t0 = time.perf_counter()
+        curve = None  # the speedup-to-size curve is measured once and reused for every target
         for i, t in enumerate(targets):
             fam = flop_prune(model, train, [t], env, steps=(i + 1) * args.steps, distill=cfg, eval_data=None,
-                             seed=args.seed, measure_rounds=args.measure_rounds, model_name=args.model)
+                             seed=args.seed, measure_rounds=args.measure_rounds, model_name=args.model, curve=curve)
+            curve = fam.speedup_curve
             (r,) = fam.results
-            deliver("flop", t, r.model, dict(steps=(i + 1) * args.steps, **{k: v for k, v in r.metrics.items()}),
+            deliver("flop", t, r.model, dict(steps=(i + 1) * args.steps, **r.metrics),
                     dict(run_speedup=r.measured_speedup))
         seconds["flop"] = time.perf_counter() - t0
 

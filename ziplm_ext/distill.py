@@ -258,7 +258,9 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_data(train_data, vocab: int):
+def check_train_data(train_data, vocab: int):
+    """Validate training data (a (N, T) id tensor or an (input_ids, attention_mask) pair) for a
+    model with `vocab` token embeddings; returns (ids as int64, mask as int64 or None)."""
     if isinstance(train_data, (tuple, list)):
         if len(train_data) != 2:
             raise ValueError(f"train_data must be a (N, T) LongTensor or an (input_ids, attention_mask) pair, "
@@ -276,7 +278,7 @@ def _check_data(train_data, vocab: int):
         raise ValueError(f"train_data is empty (shape {tuple(ids.shape)})")
     lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= vocab:
-        raise ValueError(f"train_data token ids must lie in [0, {vocab}) (the student's vocab size), "
+        raise ValueError(f"train_data token ids out of range: they must lie in [0, {vocab}) (the student's vocab size), "
                          f"found ids in [{lo}, {hi}]")
     ids = ids.long()
     if mask is not None:
@@ -369,7 +371,7 @@ def finetune(student, teacher, train_data, steps: int, cfg: DistillConfig = None
         raise ValueError("student and teacher are the same module; distil into a copy (e.g. copy.deepcopy)")
     emb = student.get_input_embeddings()
     vocab = int(emb.weight.shape[0])
-    ids_all, mask_all = _check_data(train_data, vocab)
+    ids_all, mask_all = check_train_data(train_data, vocab)
 
     device = _model_device(student)
     t_device = _model_device(teacher)

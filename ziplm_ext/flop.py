@@ -680,14 +680,6 @@ def density_for_speedups(model, env: InferenceEnv, targets: Sequence[float], *,
 # ----------------------------------------------------------------------------- training
 
 
-def _check_train_data(train_data) -> None:
-    ids = train_data[0] if isinstance(train_data, (tuple, list)) and len(train_data) == 2 else train_data
-    if not isinstance(ids, torch.Tensor):
-        raise ValueError("train_data must be a (N, T) LongTensor or an (input_ids, attention_mask) tuple")
-    if ids.dim() != 2 or ids.numel() == 0:
-        raise ValueError(f"train_data is empty or not (N, T): shape {tuple(ids.shape)}")
-
-
 def train_flop(student, teacher, train_data, target_density: float, steps: int, distill=None, *,
                lambda_lr: float = LAMBDA_LR, gate_lr: float = GATE_LR, warmup_frac: float = WARMUP_FRAC,
                lambda2_init: float = LAMBDA2_INIT, progress: bool = True, desc: str = "flop"):
@@ -803,13 +795,13 @@ def flop_prune(model: nn.Module, train_data, targets, env: Optional[InferenceEnv
     ``flop_target_density``, ``flop_expected_density`` (end of training), ``flop_hard_sparsity``,
     ``flop_shrink_rounds``, ``train_tokens_per_second`` and ``train_seconds``.
     """
-    from .distill import DistillConfig
+    from .distill import DistillConfig, check_train_data
     from .pipeline import PrunedFamily, PrunedResult, _validate_targets, num_parameters
 
     env = env or InferenceEnv()
     targets = _validate_targets(targets)
     get_adapter(model)  # unsupported architectures fail here (UnsupportedArchitectureError is a ValueError)
-    _check_train_data(train_data)
+    check_train_data(train_data, model.get_input_embeddings().weight.shape[0])
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if max_shrinks < 0:

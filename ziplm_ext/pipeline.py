@@ -398,7 +398,6 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
 
         if train_data is None:
             raise ValueError("method='flop' trains: give train_data= (token ids or (ids, mask))")
-        _check_train_data(train_data, model)
         return flop_prune(model, train_data, targets, env, steps=steps_per_target, distill=distill,
                           eval_data=eval_data, progress=progress, seed=seed, measure_rounds=measure_rounds,
                           model_name=model_name, tokenizer=tokenizer, **(flop_options or {}))
@@ -410,12 +409,15 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
     if mode == "gradual":
         if train_data is None:
             raise ValueError("mode='gradual' fine-tunes after each target: give train_data= (token ids or (ids, mask))")
-        _check_train_data(train_data, model)
         if steps_per_target < 0:
             raise ValueError(f"steps_per_target must be >= 0, got {steps_per_target}")
         if baselines:
             raise ValueError("baselines are built in mode='oneshot' only")
     adapter = get_adapter(model)  # unsupported architectures fail here, before any work
+    if mode == "gradual":
+        from .distill import check_train_data
+
+        check_train_data(train_data, model.get_input_embeddings().weight.shape[0])
     model.eval()
     ids = _calibration_tensor(calibration, tokenizer, env, num_calibration_blocks, seed, model)
     if ids.shape[0] < 2:
@@ -481,16 +483,6 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
                         name, tokenizer, method="ZipLM gradual" if mode == "gradual" else "ZipLM")
 
 
-def _check_train_data(train_data, model) -> None:
-    ids = train_data[0] if isinstance(train_data, (tuple, list)) else train_data
-    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.numel() == 0:
-        raise ValueError("train_data must be a non-empty (N, seq) LongTensor of token ids, or an "
-                         "(input_ids, attention_mask) tuple")
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise ValueError(f"train_data token ids out of range for the model's {vocab}-token vocabulary")
-
-
 def _add_stage(stages: dict, key: str, t0: float) -> None:
     stages[key] = stages.get(key, 0.0) + time.perf_counter() - t0
 
@@ -508,8 +500,10 @@ def _solve_targets(base: nn.Module, dense: nn.Module, db: ObsDatabase, problem: 
 
     t0 = time.perf_counter()
     if not opts["measure"]:
-        results = [PrunedResult(t, m, lv, problem.table.predict_speedup(lv), None, cal, num_parameters(m))
-                   for t, (lv, cal, _) in chosen.items() for m in [build_pruned_model(base, db, lv)]]
+        results = []
+        for t, (lv, cal, _) in chosen.items():
+            m = build_pruned_model(base, db, lv)
+            results.append(PrunedResult(t, m, lv, problem.table.predict_speedup(lv), None, cal, num_parameters(m)))
         _add_stage(stages, "build", t0)
         return results
     from .latency import calibrate_table, measure_speedups

@@ -329,6 +329,17 @@ def spdy_search(
 # ------------------------------------------------------------------- uniform baseline
 
 
+def _level_at_fraction(counts: np.ndarray, times: np.ndarray, f: float) -> int:
+    """Index of the level with the largest kept count <= ``f * full`` (among equal counts the
+    cheaper one; the smallest count if none is that small; the widest level of an empty layer)."""
+    full = int(counts.max())
+    if full == 0:
+        return int(np.argmax(counts))
+    ok = counts <= f * full + 1e-9 * full
+    idx = np.flatnonzero(counts == (counts[ok].max() if ok.any() else counts.min()))
+    return int(idx[np.argmin(times[idx])])
+
+
 def uniform_allocation(
     level_counts: Sequence[Sequence[int]],
     times: Sequence[Sequence[float]],
@@ -355,18 +366,7 @@ def uniform_allocation(
     full = [int(c.max()) for c in C]
 
     def pick(l: int, f: float) -> int:
-        c = C[l]
-        if full[l] == 0:
-            return int(np.argmax(c))
-        target = (f if pruned[l] else 1.0) * full[l]
-        ok = c <= target + 1e-9 * full[l]
-        if ok.any():
-            # largest count <= target; among equal counts the cheaper one
-            best = c[ok].max()
-            idx = np.flatnonzero(c == best)
-        else:
-            idx = np.flatnonzero(c == c.min())
-        return int(idx[np.argmin(T[l][idx])])
+        return _level_at_fraction(C[l], T[l], f if pruned[l] else 1.0)
 
     fracs = {1.0, 0.0}
     for l in range(L):
@@ -438,6 +438,7 @@ def uniform_per_kind_levels(
     if len(kinds) != len(level_counts):
         raise ValueError(f"kinds has {len(kinds)} entries, expected {len(level_counts)}")
     names = sorted(set(kinds))
+    C = [np.asarray(c, dtype=np.int64).reshape(-1) for c in level_counts]
     T = [np.asarray(t, dtype=np.float64).reshape(-1) for t in times]
     per_kind = {}
     for k in names:
@@ -449,14 +450,7 @@ def uniform_per_kind_levels(
     best, best_t = None, -1.0
     for combo in itertools.product(*(per_kind[k] for k in names)):
         frac = dict(zip(names, combo))
-        levels = []
-        for c, kk in zip(level_counts, kinds):
-            c = np.asarray(c, dtype=np.int64).reshape(-1)
-            full = int(c.max())
-            target = frac[kk] * full
-            ok = c <= target + 1e-9 * max(full, 1)
-            idx = np.flatnonzero(c == (c[ok].max() if ok.any() else c.min()))
-            levels.append(int(idx[np.argmin(T[len(levels)][idx])]))
+        levels = [_level_at_fraction(c, t, frac[kk]) for c, t, kk in zip(C, T, kinds)]
         t = total_time(T, levels)
         if t <= budget and t > best_t:
             best, best_t = levels, t
