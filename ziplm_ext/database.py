@@ -25,7 +25,7 @@ from .adapters import get_adapter
 from .adapters.base import Adapter, PrunableLayer
 from .calibrate import CalibrationBatch, block_hessians
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the fingerprint covers every weight, the widths and the level grid
 
 
 @dataclass
@@ -45,17 +45,26 @@ class LayerEntry:
         return self.history.loss(k) / max(self.dense_error, 1e-30)
 
 
-def fingerprint(model, batches: Sequence[CalibrationBatch], damp: float) -> str:
+def fingerprint(model, batches: Sequence[CalibrationBatch], damp: float, layers: Sequence[PrunableLayer] = (),
+                levels_fn: Optional[Callable] = None, block_size: int = 128) -> str:
+    """A digest of everything a database entry depends on: the architecture, every parameter and
+    buffer byte for byte (a change to one middle layer must invalidate the database), the current
+    widths, the calibration tokens and mask, the damping, the level grid and the format."""
     h = hashlib.sha256()
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for p in list(model.parameters())[:4] + list(model.parameters())[-2:]:
-        h.update(p.detach().float().sum().cpu().numpy().tobytes())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        t = t.detach()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        # .view(uint8) hashes the exact bytes (bf16/fp16 have no numpy dtype)
+        h.update(t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     for b in batches:
         h.update(b.input_ids.cpu().numpy().tobytes())
         if b.attention_mask is not None:
             h.update(b.attention_mask.cpu().numpy().tobytes())
-    h.update(f"{damp}:{FORMAT_VERSION}".encode())
-    return h.hexdigest()[:16]
+    grid = {l.name: [l.num_structures, sorted(levels_fn(l)) if levels_fn is not None else None] for l in layers}
+    h.update(json.dumps(grid, sort_keys=True).encode())
+    h.update(f"{damp!r}:{block_size}:{FORMAT_VERSION}".encode())
+    return h.hexdigest()[:32]
 
 
 class ObsDatabase:
@@ -136,14 +145,14 @@ def build_database(model, batches: Sequence[CalibrationBatch], *, damp: float = 
         db_dir = Path(workdir) / "database"
         db_dir.mkdir(parents=True, exist_ok=True)
         manifest = db_dir / "manifest.json"
-        fp = fingerprint(model, batches, damp)
+        fp = fingerprint(model, batches, damp, list(layers.values()), levels_fn, block_size)
         if manifest.exists():
             old = json.loads(manifest.read_text())
             if old.get("fingerprint") != fp:
-                raise ValueError(f"workdir {workdir} holds a database for another model, calibration set or damp; "
-                                 "use a fresh --workdir")
+                raise ValueError(f"workdir {workdir} holds a database for another model, calibration set, damping or "
+                                 "level grid; use a fresh --workdir")
         else:
-            manifest.write_text(json.dumps({"fingerprint": fp, "format_version": FORMAT_VERSION}))
+            atomic_write_bytes(manifest, json.dumps({"fingerprint": fp, "format_version": FORMAT_VERSION}).encode())
     entries: dict[str, LayerEntry] = {}
     bar = tqdm(total=len(layers), desc="OBS database", unit="layer", disable=not progress)
     for block, hessians, ntok in block_hessians(model, list(batches), adapter=adapter):
