@@ -106,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--damp", type=_float, default=0.01, help="Hessian dampening (relative) (default: 0.01)")
     p.add_argument("--ffn-multiple", type=_positive_int, default=1, metavar="K",
                    help="round FFN widths to multiples of K, e.g. 16 for hardware-friendly shapes (default: 1)")
+    p.add_argument("--latency-table", default=None, metavar="TABLE.json",
+                   help="use a table written by 'ziplm latency' (same model and environment) instead of measuring one; "
+                        "its level grid is used")
+    p.add_argument("--no-measure", action="store_true",
+                   help="skip the end-to-end measurements and table corrections (measured speedups are not reported; "
+                        "with --latency-table the run is deterministic for a fixed --seed)")
+    p.add_argument("--measure-rounds", type=_positive_int, default=15, metavar="N",
+                   help="interleaved rounds of every end-to-end timing (module overheads, delivered models) "
+                        "(default: 15)")
     p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     t = p.add_argument_group("training (gradual ZipLM and FLOP)")
@@ -132,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="PATH|minilm|smollm2")
     p.add_argument("--out", required=True, metavar="TABLE.json", help="output JSON file")
     _add_env_args(p)
-    p.add_argument("--reps", type=_positive_int, default=50, help="timed repetitions per level (default: 50)")
-    p.add_argument("--warmup", type=_positive_int, default=5, help="warm-up repetitions (default: 5)")
+    p.add_argument("--reps", type=_positive_int, default=30, help="timed repetitions per level (default: 30, as prune)")
+    p.add_argument("--rounds", type=_positive_int, default=15,
+                   help="interleaved rounds of the module-overhead measurement (default: 15, as prune)")
+    p.add_argument("--ffn-multiple", type=_positive_int, default=1, metavar="K",
+                   help="round FFN widths to multiples of K (default: 1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_latency)
 
@@ -302,6 +314,17 @@ def cmd_prune(args) -> int:
         raise CLIError("--gradual applies to --method ziplm only")
     if (args.gradual or args.method == "flop") and args.baselines:
         raise CLIError("--baselines are built by one-shot ZipLM runs only")
+    table = None
+    if args.latency_table:
+        if args.method == "flop":
+            raise CLIError("--latency-table applies to --method ziplm only (FLOP measures a speedup curve)")
+        from .latency_table import LatencyTable
+
+        path = Path(args.latency_table).expanduser()
+        if not path.is_file():
+            raise CLIError(f"--latency-table {path} does not exist")
+        table = LatencyTable.load(path)
+        table.check_env(env)  # before the model loads
 
     from . import models as M
 
@@ -342,7 +365,9 @@ def cmd_prune(args) -> int:
                      damp=args.damp, spdy_evaluations=args.spdy_evaluations,
                      workdir=str(workdir) if workdir is not None else None, seed=args.seed,
                      progress=not args.no_progress, baselines=tuple(args.baselines), eval_data=eval_data,
-                     model_name=str(args.model), ffn_multiple=args.ffn_multiple, method=args.method, **training)
+                     model_name=str(args.model), ffn_multiple=args.ffn_multiple, method=args.method,
+                     latency_table=table, measure=not args.no_measure, measure_rounds=args.measure_rounds,
+                     **training)
     family.save(str(out))
     from .report import write_report
 
@@ -382,12 +407,14 @@ def summary_table(family) -> str:
 def cmd_latency(args) -> int:
     env = make_env(args)
     out = validate_out_file(args.out)
-    model, _tok = _load(args.model, args.dtype, args.device)
+    # As in prune: the model stays in float32, the timings run in the environment's dtype.
+    model, _tok = _load(args.model, "float32", args.device)
     from .adapters import get_adapter
 
     get_adapter(model)
-    L = importlib.import_module(".latency", __package__)
-    table = L.build_latency_table(model, env, reps=args.reps, warmup=args.warmup, progress=not args.no_progress)
+    P = importlib.import_module(".pipeline", __package__)
+    table = P.build_environment_table(model, env, ffn_multiple=args.ffn_multiple, reps=args.reps, rounds=args.rounds,
+                                      progress=not args.no_progress)
     table.save(out)
     print(f"dense time {table.dense_time * 1e3:.3f} ms ({env.describe()}), {len(table.layer_times)} prunable layers; "
           f"max speedup {table.max_speedup():.2f}x")

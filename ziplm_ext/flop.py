@@ -860,15 +860,16 @@ def flop_prune(model: nn.Module, train_data, targets, env: Optional[InferenceEnv
 
     t0 = time.perf_counter()
     dense_metrics = {}
+    deployed = latency.in_env(model, env)  # quality as deployed: both models in the environment's dtype
     if eval_data is not None:
         from .evaluate import evaluate_model
 
-        dense_metrics = evaluate_model(model, model, eval_data)
+        dense_metrics = evaluate_model(deployed, deployed, eval_data)
     results = []
     for t in targets:
-        m, info = built.pop(t), trained.pop(t)
+        m, info = built.pop(t).to(dtype=env.torch_dtype), trained.pop(t)
         stats = info["stats"]
-        metrics = evaluate_model(m, model, eval_data) if eval_data is not None else {}
+        metrics = evaluate_model(m, deployed, eval_data) if eval_data is not None else {}
         density = exported_density(m)
         metrics.update(flop_target_density=densities[t], flop_expected_density=info["expected"],
                        flop_hard_sparsity=1.0 - density, flop_shrink_rounds=float(shrinks[t]),

@@ -301,6 +301,44 @@ def add_module_overheads(table: LatencyTable, model: nn.Module, env: InferenceEn
     return LatencyTable(table.env, table.dense_time, prunable, layer_times, meta)
 
 
+def build_environment_table(model: nn.Module, env: InferenceEnv, *, ffn_multiple: int = 1, reps: int = 30,
+                            rounds: int = 15, progress: bool = True) -> LatencyTable:
+    """The latency table `prune` searches with: native block timings on the level grid (FFN widths
+    rounded to `ffn_multiple`) plus each module kind's measured fixed overhead. ``ziplm latency``
+    writes exactly this, so a saved table can be passed back to ``prune``."""
+    from .latency import build_latency_table
+
+    levels_fn = functools.partial(default_levels, ffn_multiple=ffn_multiple)
+    layers = get_adapter(model).prunable_layers(model)
+    table = build_latency_table(model, env, {l.name: levels_fn(l) for l in layers}, reps=reps, progress=progress)
+    table = add_module_overheads(table, model, env, rounds=rounds)
+    table.meta["ffn_multiple"] = ffn_multiple
+    return table
+
+
+def check_table_for_model(table: LatencyTable, model: nn.Module, env: InferenceEnv) -> None:
+    """A given table must be for this environment and this model's layers at their dense widths."""
+    table.check_env(env)
+    layers = get_adapter(model).prunable_layers(model)
+    missing = [l.name for l in layers if l.name not in table.layer_times]
+    extra = sorted(set(table.layer_times) - {l.name for l in layers})
+    if missing or extra:
+        raise ValueError(f"latency table does not match the model's layers (missing: {', '.join(missing) or '-'}; "
+                         f"unknown: {', '.join(extra) or '-'})")
+    for l in layers:
+        if table.full_count(l.name) != l.num_structures:
+            raise ValueError(f"latency table has {table.full_count(l.name)} structures at full width for {l.name}, "
+                             f"the model {l.num_structures}: it was measured for another model")
+
+
+def table_levels_fn(table: LatencyTable):
+    """The level grid of a given table: the kept counts it has times for."""
+    def levels(layer) -> list[int]:
+        return sorted(table.layer_times[layer.name])
+
+    return levels
+
+
 # ----------------------------------------------------------------------------- search
 
 
@@ -428,13 +466,11 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
 
     t0 = time.perf_counter()
     if latency_table is None:
-        from .latency import build_latency_table
-
-        latency_table = build_latency_table(model, env, {l.name: levels_fn(l) for l in adapter.prunable_layers(model)},
-                                            reps=latency_reps, progress=progress)
-        latency_table = add_module_overheads(latency_table, model, env, rounds=measure_rounds)
+        latency_table = build_environment_table(model, env, ffn_multiple=ffn_multiple, reps=latency_reps,
+                                                rounds=measure_rounds, progress=progress)
     else:
-        latency_table.check_env(env)
+        check_table_for_model(latency_table, model, env)
+        levels_fn = table_levels_fn(latency_table)  # a given table fixes the level grid
     stages["latency"] = time.perf_counter() - t0
     max_s = latency_table.max_speedup()
     unreachable = [t for t in targets if t > max_s]
@@ -463,17 +499,23 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
         base = _baselines(model, db, problem, loss, targets, baselines, env, measure_rounds, measure)
         stages["baselines"] = time.perf_counter() - t0
 
+    # Delivered models are in the environment's dtype (the pruning maths ran in float32), and
+    # quality is measured on them as deployed, against the dense model in the same dtype.
+    for m in [r.model for r in results] + [row["model"] for rows in base.values() for row in rows]:
+        m.to(dtype=env.torch_dtype)
     t0 = time.perf_counter()
     dense_metrics = {}
     if eval_data is not None:
         from .evaluate import evaluate_model
+        from .latency import in_env
 
-        dense_metrics = evaluate_model(model, model, eval_data)
+        deployed = in_env(model, env)
+        dense_metrics = evaluate_model(deployed, deployed, eval_data)
         for r in results:
-            r.metrics = evaluate_model(r.model, model, eval_data)
+            r.metrics = evaluate_model(r.model, deployed, eval_data)
         for rows in base.values():
             for row in rows:
-                row["metrics"] = evaluate_model(row.pop("model"), model, eval_data)
+                row["metrics"] = evaluate_model(row.pop("model"), deployed, eval_data)
     for rows in base.values():
         for row in rows:
             row.pop("model", None)
@@ -516,6 +558,7 @@ def _solve_targets(base: nn.Module, dense: nn.Module, db: ObsDatabase, problem: 
     fastest = {t: 0.0 for t in targets}
     observations = []
     todo = list(targets)
+    corrections = 0
     for round_ in range(max_corrections + 1):
         built = {t: build_pruned_model(base, db, chosen[t][0]) for t in todo}
         speeds = measure_speedups(dense, [built[t] for t in todo], env, rounds=rounds)
@@ -530,6 +573,7 @@ def _solve_targets(base: nn.Module, dense: nn.Module, db: ObsDatabase, problem: 
         if not todo or round_ == max_corrections:
             break
         problem.set_table(calibrate_table(problem.table, observations))
+        corrections += 1
         for t in list(todo):
             try:
                 chosen[t] = search_target(problem, t, loss, evaluations=max(20, opts["spdy_evaluations"] // 2),
@@ -546,7 +590,7 @@ def _solve_targets(base: nn.Module, dense: nn.Module, db: ObsDatabase, problem: 
         levels, cal, m, sp = best.pop(t)
         results.append(PrunedResult(t, m, levels, problem.table.predict_speedup(levels), sp, cal, num_parameters(m)))
     if missed:
-        raise UnreachableTargetError(f"could not meet target(s) after {max_corrections} table corrections: "
+        raise UnreachableTargetError(f"could not meet target(s) after {corrections} table correction(s): "
                                      f"{'; '.join(missed)} (table maximum {problem.table.max_speedup():.2f}x)")
     return results
 
