@@ -110,7 +110,8 @@ print(f"  module: {C.__file__}")
 print(f"  torch {torch.__version__} (CUDA {torch.version.cuda}), GPU visible: {torch.cuda.is_available()}")
 assert C.__file__.startswith(__import__("os").getcwd()), "imported a _C that is not the scratch build"
 assert C.cuda_built() is True, "ziplm_ext._C.cuda_built() is False in a ZIPLM_FORCE_CUDA build"
-for op in ("hessian_accumulate", "damped_inverse", "greedy_obs", "greedy_obs_generic", "time_attention", "time_attention_decode", "time_ffn"):
+for op in ("hessian_accumulate", "damped_inverse", "greedy_obs", "greedy_obs_generic", "time_attention", "time_attention_decode", "time_ffn",
+           "time_attention_with_output", "time_attention_decode_with_output", "time_ffn_with_output"):
     assert hasattr(torch.ops.ziplm, op), f"torch.ops.ziplm.{op} is missing"
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ziplm::{op}", key), \

@@ -22,6 +22,12 @@ TORCH_LIBRARY(ziplm, m) {
   m.def("time_attention_decode(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor wo, Tensor k_cache, Tensor v_cache, int head_dim, int warmup, int reps) -> Tensor");
   // Latency of one FFN block: gated (w_gate given) SiLU, else GELU; returns per-rep seconds.
   m.def("time_ffn(Tensor x, Tensor w_up, Tensor? w_gate, Tensor w_down, int warmup, int reps) -> Tensor");
+  // The same three timing kernels, also returning the block output of the last timed repetition
+  // ((B,T,d) on x's device; zeros for a removed block): (times, output). For checking the maths of
+  // the timed code against the pure-PyTorch blocks of ziplm_ext/timing.py.
+  m.def("time_attention_with_output(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor wo, int head_dim, bool causal, int warmup, int reps) -> (Tensor, Tensor)");
+  m.def("time_attention_decode_with_output(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor wo, Tensor k_cache, Tensor v_cache, int head_dim, int warmup, int reps) -> (Tensor, Tensor)");
+  m.def("time_ffn_with_output(Tensor x, Tensor w_up, Tensor? w_gate, Tensor w_down, int warmup, int reps) -> (Tensor, Tensor)");
 }
 
 static bool cuda_built() {

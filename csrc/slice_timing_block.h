@@ -18,7 +18,11 @@
 //              ungated: out = gelu(x w_up^T) w_down^T                  (BERT; exact erf GELU)
 //              m == 0 means the block is removed: nothing runs.
 // ziplm_ext/timing.py holds the same maths in plain PyTorch (attention_block_reference,
-// ffn_block_reference); keep the two in step.
+// attention_decode_block_reference, ffn_block_reference); keep the two in step. The timing kernels
+// keep the output of their last timed repetition, and the *_with_output ops return it next to the
+// timings, so tests check the maths of exactly the code that is timed (ZipLM picks per-layer
+// sparsities from these measured block latencies: a timed block that computed something else, or
+// nothing, would bias the whole latency table).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -132,6 +136,13 @@ inline int64_t check_ffn(const at::Tensor& x, const at::Tensor& w_up, const std:
                 w_gate->sizes());
   }
   return m;
+}
+
+// The output a timing op reports for `y`, the result of its last timed repetition: y itself, or
+// zeros shaped like x when the block was removed (undefined y; a removed block adds nothing to the
+// residual stream), built after the clock has stopped.
+inline at::Tensor output_or_zeros(const at::Tensor& y, const at::Tensor& x) {
+  return y.defined() ? y : at::zeros_like(x);
 }
 
 // One forward pass of the attention block (see the top of this file). Returns the (B,T,d) output,

@@ -107,10 +107,36 @@ def greedy_obs(W: torch.Tensor, H: torch.Tensor, group_size: int = 1, damp: floa
     return GreedyOBSResult(order[:steps], step_loss[:steps].cumsum(0), U[:, :k], R[:k], W0, g, float(used.max()))
 
 
+# Slice-timing oracles: name of the native op -> (timing oracle, block-output oracle) in
+# ziplm_ext.timing; both take the op's arguments (the block oracle all but warmup and reps).
+_TIMING_ORACLES = {
+    "time_attention": ("reference_time_attention", "attention_block_reference"),
+    "time_attention_decode": ("reference_time_attention_decode", "attention_decode_block_reference"),
+    "time_ffn": ("reference_time_ffn", "ffn_block_reference"),
+}
+
+
+def _timing_oracle_with_output(op: str):
+    """Oracle for ``torch.ops.ziplm.<op>_with_output``: ``(per-rep seconds, block output)``."""
+    from . import timing
+
+    time_name, block_name = _TIMING_ORACLES[op]
+
+    def oracle(*args):
+        *block_args, _warmup, _reps = args
+        times = getattr(timing, time_name)(*args)
+        return times, getattr(timing, block_name)(*block_args)
+
+    oracle.__name__ = op + "_with_output"
+    return oracle
+
+
 def __getattr__(name):
     # The slice-timing oracles live next to their wrappers in ziplm_ext.timing.
-    if name in ("time_attention", "time_ffn"):
+    if name in _TIMING_ORACLES:
         from . import timing
 
-        return getattr(timing, "reference_" + name)
+        return getattr(timing, _TIMING_ORACLES[name][0])
+    if name.endswith("_with_output") and name[: -len("_with_output")] in _TIMING_ORACLES:
+        return _timing_oracle_with_output(name[: -len("_with_output")])
     raise AttributeError(name)

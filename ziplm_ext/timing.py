@@ -4,7 +4,9 @@ ZipLM prunes whole attention heads and FFN columns, and picks per-layer sparsiti
 table of measured latencies. The timings come from the native ops ``torch.ops.ziplm.time_attention``
 and ``torch.ops.ziplm.time_ffn`` (csrc/cpu/slice_timing.cpp, csrc/cuda/slice_timing.cu), whose
 timed loop runs entirely in C++: ``std::chrono::steady_clock`` per repetition on CPU, one CUDA
-event pair per repetition on the current stream on CUDA.
+event pair per repetition on the current stream on CUDA. The ops ``time_*_with_output`` run the
+same C++ kernels and also return the block output of the last timed repetition (the wrappers'
+``return_output=True``), so the maths of the timed code can be checked against the blocks below.
 
 Weights are in ``nn.Linear`` layout ``(out_features, in_features)``; no biases.
 
@@ -36,7 +38,7 @@ import importlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +111,9 @@ def time_attention(
     causal: bool = True,
     warmup: int = 3,
     reps: int = 20,
-) -> Timing:
+    *,
+    return_output: bool = False,
+) -> Union[Timing, Tuple[Timing, torch.Tensor]]:
     """Time one attention block with the native op (see the module docstring for the maths).
 
     Args:
@@ -121,16 +125,21 @@ def time_attention(
         causal: apply a causal mask in the attention.
         warmup: untimed repetitions first (>= 0).
         reps: timed repetitions (>= 1).
+        return_output: also return the block output of the last timed repetition.
 
     Returns:
-        Timing of the ``reps`` repetitions.
+        Timing of the ``reps`` repetitions; with ``return_output``, ``(timing, output)`` where
+        ``output`` is ``(B, T, d)`` on x's device (zeros for a removed block), made in inference mode.
 
     Raises:
         ValueError: inconsistent shapes, dtypes or devices, or bad counts.
         RuntimeError: the native extension is not built.
     """
-    times = _native().time_attention(x, wq, wk, wv, wo, int(head_dim), bool(causal), int(warmup), int(reps))
-    return Timing.from_times(times)
+    args = (x, wq, wk, wv, wo, int(head_dim), bool(causal), int(warmup), int(reps))
+    if return_output:
+        times, out = _native().time_attention_with_output(*args)
+        return Timing.from_times(times), out
+    return Timing.from_times(_native().time_attention(*args))
 
 
 def time_attention_decode(
@@ -144,17 +153,22 @@ def time_attention_decode(
     head_dim: int,
     warmup: int = 3,
     reps: int = 20,
-) -> Timing:
+    *,
+    return_output: bool = False,
+) -> Union[Timing, Tuple[Timing, torch.Tensor]]:
     """Time one decode step of an attention block with the native op.
 
     Args:
         x: ``(B, 1, d)``, the new token of each sequence.
         wq, wk, wv, wo: as for :func:`time_attention`.
         k_cache, v_cache: ``(B, nkv, L, head_dim)`` keys / values of the ``L`` cached tokens.
-        head_dim, warmup, reps: as for :func:`time_attention`.
+        head_dim, warmup, reps, return_output: as for :func:`time_attention` (the output is ``(B, 1, d)``).
     """
-    times = _native().time_attention_decode(x, wq, wk, wv, wo, k_cache, v_cache, int(head_dim), int(warmup), int(reps))
-    return Timing.from_times(times)
+    args = (x, wq, wk, wv, wo, k_cache, v_cache, int(head_dim), int(warmup), int(reps))
+    if return_output:
+        times, out = _native().time_attention_decode_with_output(*args)
+        return Timing.from_times(times), out
+    return Timing.from_times(_native().time_attention_decode(*args))
 
 
 def time_ffn(
@@ -164,7 +178,9 @@ def time_ffn(
     w_down: torch.Tensor,
     warmup: int = 3,
     reps: int = 20,
-) -> Timing:
+    *,
+    return_output: bool = False,
+) -> Union[Timing, Tuple[Timing, torch.Tensor]]:
     """Time one FFN block with the native op (see the module docstring for the maths).
 
     Args:
@@ -174,16 +190,20 @@ def time_ffn(
         w_down: ``(d, m)``.
         warmup: untimed repetitions first (>= 0).
         reps: timed repetitions (>= 1).
+        return_output: as for :func:`time_attention`.
 
     Returns:
-        Timing of the ``reps`` repetitions.
+        Timing of the ``reps`` repetitions; with ``return_output``, ``(timing, output)``.
 
     Raises:
         ValueError: inconsistent shapes, dtypes or devices, or bad counts.
         RuntimeError: the native extension is not built.
     """
-    times = _native().time_ffn(x, w_up, w_gate, w_down, int(warmup), int(reps))
-    return Timing.from_times(times)
+    args = (x, w_up, w_gate, w_down, int(warmup), int(reps))
+    if return_output:
+        times, out = _native().time_ffn_with_output(*args)
+        return Timing.from_times(times), out
+    return Timing.from_times(_native().time_ffn(*args))
 
 
 # ----------------------------------------------------------------------------------------------
