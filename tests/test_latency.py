@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from ziplm_ext.adapters import get_adapter
+from ziplm_ext.adapters.base import cache_kwargs, output_cache
 from ziplm_ext.latency import (
     build_latency_table,
     calibrate_table,
     default_levels,
     ffn_levels,
+    in_env,
     measure_model_time,
     measure_speedups,
     model_shapes,
@@ -183,10 +185,10 @@ def test_decode_step_matches_full_forward_for_pruned_model():
     ids = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = p(input_ids=ids, use_cache=False).logits[:, -1]
-        cache = p(input_ids=ids[:, :16], use_cache=True).past_key_values
-        step = p(input_ids=ids[:, 16:], past_key_values=cache, use_cache=True).logits[:, -1]
+        cache = output_cache(p(input_ids=ids[:, :16], use_cache=True))
+        step = p(input_ids=ids[:, 16:], **cache_kwargs(p, cache), use_cache=True).logits[:, -1]
         cache.crop(-1)
-        again = p(input_ids=ids[:, 16:], past_key_values=cache, use_cache=True).logits[:, -1]
+        again = p(input_ids=ids[:, 16:], **cache_kwargs(p, cache), use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(again, step)
 
@@ -199,10 +201,17 @@ def test_decode_mode_rejects_encoders():
         measure_model_time(tiny_bert(), env)
 
 
-def test_env_mismatch_raises():
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_env_times_a_cast_copy(dtype):
+    # The pruning maths stays in float32; the environment's dtype is what is timed.
     m = tiny_gpt2()
-    with pytest.raises(ValueError, match="dtype"):
-        measure_model_time(m, InferenceEnv(dtype="bfloat16", seq_len=8))
+    env = InferenceEnv(dtype=dtype, seq_len=8)
+    assert in_env(m, env) is not m and next(in_env(m, env).parameters()).dtype == env.torch_dtype
+    assert in_env(m, InferenceEnv(seq_len=8)) is m
+    assert measure_model_time(m, env, reps=2, warmup=1) > 0
+    assert next(m.parameters()).dtype == torch.float32  # the caller's model is not converted
+    table = build_latency_table(m, env, **FAST)
+    assert table.meta["float32_dense_time"] > 0
 
 
 # ------------------------------------------------------------------------- end to end

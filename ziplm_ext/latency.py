@@ -21,12 +21,13 @@ Both modes of :class:`~ziplm_ext.latency_table.InferenceEnv` are supported:
   attending to a KV cache of ``seq_len`` earlier tokens.  Attention blocks are timed with the
   native ``time_attention_decode`` op (cache of the kept KV heads), FFN blocks with
   ``time_ffn`` on ``(batch_size, 1, d)``; end to end, the model is prefilled once and each
-  timed call is one ``model(next_token, past_key_values=cache)`` step, after which the cache
+  timed call is one ``model(next_token, cache=cache)`` step, after which the cache
   is cropped back to ``seq_len`` (outside the timed region) so every step sees the same cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
 import platform
@@ -39,6 +40,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from .adapters import get_adapter
+from .adapters.base import cache_kwargs, output_cache
 from .latency_table import InferenceEnv, LatencyTable
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "build_latency_table",
     "measure_model_time",
     "measure_speedups",
+    "in_env",
     "calibrate_table",
 ]
 
@@ -381,6 +384,7 @@ def build_latency_table(
     prunable = sum(layer_times[l.name][l.num_structures] for l in layers)
 
     dense = measure_model_time(model, env, reps=model_reps, warmup=warmup)
+    float32_dense = _float32_reference_time(model, env, dense, model_reps, warmup)
     meta = {
         "torch_version": torch.__version__,
         "host": _host_name(torch.device(env.device)),
@@ -398,6 +402,8 @@ def build_latency_table(
         },
         "spread": spreads,
     }
+    if float32_dense is not None:
+        meta["float32_dense_time"] = float32_dense
     if prunable > dense:
         # block timings in isolation can exceed the end-to-end time on a noisy machine;
         # the table format needs prunable <= dense, so scale the layer times down and say so.
@@ -412,6 +418,20 @@ def build_latency_table(
         prunable = dense
         meta["prunable_rescale"] = scale
     return LatencyTable(env=env, dense_time=dense, prunable_time=prunable, layer_times=layer_times, meta=meta)
+
+
+def _float32_reference_time(model, env: InferenceEnv, dense: float, reps: int, warmup: int) -> Optional[float]:
+    """For a half-precision environment on a CPU, the dense model's float32 time, with a one-line
+    warning when the requested dtype is slower there (many CPUs have no fast half-precision
+    matmul): the targets are still met in that dtype, but the user may prefer float32."""
+    if env.dtype == "float32" or torch.device(env.device).type != "cpu":
+        return None
+    f32 = measure_model_time(model, dataclasses.replace(env, dtype="float32"), reps=reps, warmup=warmup)
+    if dense > f32:
+        warnings.warn(f"ziplm_ext: {env.dtype} on this CPU runs {dense / f32:.2f}x slower than float32 for this "
+                      f"model ({dense * 1e3:.1f} vs {f32 * 1e3:.1f} ms); speedups are measured in {env.dtype} as asked",
+                      RuntimeWarning, stacklevel=3)
+    return f32
 
 
 # --------------------------------------------------------------------------------------
@@ -429,8 +449,18 @@ def _check_model_env(model, env: InferenceEnv) -> None:
     dev = torch.device(env.device)
     if p.device.type != dev.type or (dev.index is not None and p.device.index != dev.index):
         raise ValueError(f"model is on {p.device} but env.device is {env.device!r}; move the model first")
-    if p.is_floating_point() and p.dtype != env.torch_dtype:
-        raise ValueError(f"model dtype is {p.dtype} but env.dtype is {env.dtype!r}; convert the model first")
+
+
+def in_env(model, env: InferenceEnv):
+    """`model` as it runs in `env`: itself when its floating-point dtype is ``env.dtype``, else a
+    copy cast to it. Pruning maths (Hessians, OBS updates) stays in float32; what is timed is the
+    model in the deployment dtype."""
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if p is None or p.dtype == env.torch_dtype:
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(dtype=env.torch_dtype)
 
 
 def _make_inputs(model, env: InferenceEnv, seed: int = 0) -> dict:
@@ -458,11 +488,12 @@ class _Stepper:
         if env.mode == "decode":
             ids = inputs["input_ids"]
             with torch.inference_mode():
-                self.cache = model(input_ids=ids, use_cache=True).past_key_values
+                self.cache = output_cache(model(input_ids=ids, use_cache=True))
             if self.cache is None or not hasattr(self.cache, "crop"):
                 raise ValueError(f"{type(model).__name__} did not return a croppable KV cache; mode='decode' "
                                  "needs a HF causal LM with DynamicCache support")
             self.next_ids = ids[:, -1:].contiguous()
+            self.cache_kw = cache_kwargs(model, self.cache)  # `cache=` or `past_key_values=`, by release
 
     def __call__(self) -> float:
         _sync(self.dev)
@@ -470,7 +501,7 @@ class _Stepper:
         if self.cache is None:
             self.model(**self.inputs)
         else:
-            self.model(input_ids=self.next_ids, past_key_values=self.cache, use_cache=True)
+            self.model(input_ids=self.next_ids, **self.cache_kw, use_cache=True)
         _sync(self.dev)
         dt = time.perf_counter() - t0
         if self.cache is not None:
@@ -491,6 +522,7 @@ def measure_model_time(model, env: InferenceEnv, *, reps: int = 30, warmup: int 
     if reps < 1 or warmup < 0:
         raise ValueError(f"need reps >= 1 and warmup >= 0 (got {reps}, {warmup})")
     _check_model_env(model, env)
+    model = in_env(model, env)
     was_training = model.training
     model.eval()
     try:
@@ -516,9 +548,9 @@ def measure_speedups(
     """
     if rounds < 1 or reps_per_round < 1:
         raise ValueError(f"need rounds >= 1 and reps_per_round >= 1 (got {rounds}, {reps_per_round})")
-    allm = [dense, *models]
-    for m in allm:
+    for m in [dense, *models]:
         _check_model_env(m, env)
+    allm = [in_env(m, env) for m in [dense, *models]]
     inputs = _make_inputs(dense, env)
     modes = [m.training for m in allm]
     times: List[List[float]] = [[] for _ in allm]

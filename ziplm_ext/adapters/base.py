@@ -30,6 +30,7 @@ Conventions shared by all adapters:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Sequence
@@ -43,6 +44,10 @@ __all__ = [
     "UnsupportedArchitectureError",
     "RemovedModule",
     "ConstantOutput",
+    "cache_kwargs",
+    "cache_keyword",
+    "output_cache",
+    "find_kv_cache",
 ]
 
 
@@ -91,21 +96,99 @@ class RemovedModule(nn.Module):
         return f"out_features={self.out_features}, removed=True"
 
 
-def touch_kv_cache(past_key_values, layer_idx: int | None, hidden_states: torch.Tensor) -> None:
+# The keyword under which HF passes the KV cache has changed across transformers releases
+# (``past_key_values`` in older 5.x releases, e.g. 5.0; ``cache`` in newer ones, e.g. 5.24).
+# Replacement modules therefore find the cache among their call arguments by *type*
+# (:func:`find_kv_cache`), and callers of a model use :func:`cache_kwargs` /
+# :func:`output_cache`, which ask the model / output object itself.
+_CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_base_class():
+    try:
+        from transformers.cache_utils import Cache
+    except Exception:  # pragma: no cover - transformers is a dependency of every adapter
+        return None
+    return Cache
+
+
+def find_kv_cache(args: Sequence = (), kwargs: dict | None = None):
+    """The HF KV cache (a ``transformers.cache_utils.Cache``) among a module call's arguments.
+
+    Looked up by type, not by keyword, so a replacement module keeps working whatever name
+    (``cache``, ``past_key_values``, ...) or position the calling decoder layer uses for it.
+    Returns ``None`` when the call carries no cache.
+    """
+    base = _cache_base_class()
+    if base is None:  # pragma: no cover
+        return None
+    for value in (*(kwargs or {}).values(), *args):
+        if isinstance(value, base):
+            return value
+    return None
+
+
+def touch_kv_cache(cache, layer_idx: int | None, hidden_states: torch.Tensor) -> None:
     """Keep a HF KV cache consistent when an attention module was removed.
 
-    HF caches infer the number of already-processed tokens from the stored keys of some
-    layer (usually layer 0), and ``DynamicLayer.get_seq_length`` returns 0 for an empty
-    tensor.  A removed attention module therefore appends a dummy ``(batch, 1, seq, 1)``
-    zero tensor (one scalar per token, negligible memory) so that the cache length stays
-    correct during incremental decoding.  Nothing is done without a cache.
+    HF caches infer the number of already-processed tokens (position ids, causal-mask sizes)
+    from the stored keys of one layer (layer 0, or the first full-attention layer), and
+    ``DynamicLayer.get_seq_length`` returns 0 for an empty layer.  A removed attention
+    module therefore appends a dummy ``(batch, 1, seq, 1)`` zero tensor (one scalar per
+    token, negligible memory) to its own layer, so that every layer of the cache has the
+    right length, whichever layer the model asks.  Nothing is done without a cache.
     """
-    if past_key_values is None or layer_idx is None or not hasattr(past_key_values, "update"):
+    if cache is None or layer_idx is None or not hasattr(cache, "update"):
         return
-    cache = getattr(past_key_values, "self_attention_cache", past_key_values)
+    cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache: self-attention part
     b, s = hidden_states.shape[0], hidden_states.shape[1]
     dummy = hidden_states.new_zeros((b, 1, s, 1))
     cache.update(dummy, dummy, layer_idx)
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which ``model(...)`` takes a KV cache: ``"cache"`` where the installed
+    transformers has it for this model, else ``"past_key_values"``.
+
+    Read from the model's ``forward`` signature (so a family that still takes
+    ``past_key_values`` gets it); when the signature names neither (a generic wrapper), the
+    installed transformers' own output classes decide.
+    """
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name in _CACHE_KEYWORDS:
+        if name in params:
+            return name
+    try:
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    except Exception:  # pragma: no cover
+        fields = {}
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{keyword: cache}`` to pass a KV cache to ``model(...)``: ``model(ids, **cache_kwargs(model, c))``.
+
+    Compute it once outside hot loops (it inspects the ``forward`` signature).
+    """
+    return {cache_keyword(model): cache}
+
+
+def output_cache(out):
+    """The KV cache returned in a HF model output (``out.cache``, or ``out.past_key_values`` on
+    releases before the rename), ``None`` if there is none."""
+    fields = getattr(out, "__dataclass_fields__", None) or {}
+    for name in _CACHE_KEYWORDS:
+        if name in fields:
+            return getattr(out, name, None)
+    return None
 
 
 class ConstantOutput(RemovedModule):
@@ -120,7 +203,8 @@ class ConstantOutput(RemovedModule):
         bias: the out-projection bias (stored as parameter ``bias``) or ``None``.
         dropout: dropout applied to the output in training mode (as the dense module did).
         returns_tuple: return ``(output, None)`` like HF attention modules.
-        touches_cache: append dummy entries to a KV cache (see :func:`touch_kv_cache`).
+        touches_cache: append dummy entries to the KV cache passed to the call, under any
+            keyword or position (see :func:`find_kv_cache`, :func:`touch_kv_cache`).
         layer_idx: the block index used for the cache.
     """
 
@@ -147,7 +231,7 @@ class ConstantOutput(RemovedModule):
 
     def forward(self, hidden_states=None, *args, **kwargs):
         if self.touches_cache:
-            touch_kv_cache(kwargs.get("past_key_values"), self.layer_idx, hidden_states)
+            touch_kv_cache(find_kv_cache(args, kwargs), self.layer_idx, hidden_states)
         if self.bias is not None:
             out = self.bias.to(hidden_states.dtype).expand(*hidden_states.shape[:-1], self.out_features)
         else:

@@ -32,7 +32,7 @@ import copy
 
 from torch import nn
 
-from .base import Adapter, RemovedModule, expand_groups, slice_inputs, slice_outputs, touch_kv_cache
+from .base import Adapter, RemovedModule, expand_groups, find_kv_cache, slice_inputs, slice_outputs, touch_kv_cache
 
 
 class BiasLayerNorm(RemovedModule):
@@ -60,8 +60,9 @@ class _RemovedBertAttention(nn.Module):
         self.output = output
         self.layer_idx = layer_idx
 
-    def forward(self, hidden_states, attention_mask=None, *args, past_key_values=None, **kwargs):
-        touch_kv_cache(past_key_values, self.layer_idx, hidden_states)
+    def forward(self, hidden_states, *args, **kwargs):
+        # the cache arrives as ``cache=`` or ``past_key_values=`` depending on the transformers release
+        touch_kv_cache(find_kv_cache(args, kwargs), self.layer_idx, hidden_states)
         return self.output(None, hidden_states), None
 
 
