@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark
 
-from ziplm_ext import ops, reference as ref
+from ziplm_ext.native import ops
+from ziplm_ext.native import reference as ref
 
 
 def device_name(device: torch.device) -> str:

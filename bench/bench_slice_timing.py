@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 import ziplm_ext
-from ziplm_ext.timing import Timing, reference_time_attention, reference_time_ffn, time_attention, time_ffn
+from ziplm_ext.native.timing import Timing, reference_time_attention, reference_time_ffn, time_attention, time_ffn
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

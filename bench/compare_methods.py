@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 import ziplm_ext
-from ziplm_ext import data as D
-from ziplm_ext import models as M
-from ziplm_ext.distill import DistillConfig, finetune
-from ziplm_ext.evaluate import evaluate_model
-from ziplm_ext.latency import measure_speedups
-from ziplm_ext.pipeline import build_magnitude_model, is_causal_lm, num_parameters
+from ziplm_ext.eval import data as D
+from ziplm_ext.io import models as M
+from ziplm_ext.stages.distill import DistillConfig, finetune
+from ziplm_ext.eval.evaluate import evaluate_model
+from ziplm_ext.stages.latency.build import measure_speedups
+from ziplm_ext.methods.ziplm_oneshot import build_magnitude_model, is_causal_lm, num_parameters
 
 METHODS = ("oneshot", "gradual", "magnitude", "flop")
 LABELS = {"oneshot": "ZipLM one-shot", "gradual": "ZipLM gradual + distillation",
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         seconds["magnitude"] = time.perf_counter() - t0
 
     if "flop" in args.methods:
-        from ziplm_ext.flop import flop_prune
+        from ziplm_ext.methods.flop.train import flop_prune
 
         log("FLOP + distillation")
         t0 = time.perf_counter()

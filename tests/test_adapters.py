@@ -15,14 +15,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ziplm_ext.adapters import (  # noqa: E402
-    BertAdapter,
-    GPT2Adapter,
-    LlamaAdapter,
-    RemovedModule,
-    UnsupportedArchitectureError,
-    get_adapter,
-)
+from ziplm_ext.adapters import BertAdapter, GPT2Adapter, LlamaAdapter, RemovedModule, UnsupportedArchitectureError, get_adapter
 from ziplm_ext.adapters.base import cache_kwargs, output_cache  # noqa: E402
 
 VOCAB = 97

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import ziplm_ext
-from ziplm_ext import cli
-from ziplm_ext import data as D
-from ziplm_ext import models as M
-from ziplm_ext.latency_table import InferenceEnv, LatencyTable
+from ziplm_ext.cli import commands as cli
+from ziplm_ext.eval import data as D
+from ziplm_ext.io import models as M
+from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64
@@ -115,7 +115,7 @@ def make_fake_family(targets, env, out_marker="pruned.txt"):
 def fake_prune(monkeypatch):
     """Install a fake ``ziplm_ext.pipeline`` module; returns the list of recorded calls."""
     calls = []
-    mod = types.ModuleType("ziplm_ext.pipeline")
+    mod = types.ModuleType("ziplm_ext.methods.ziplm_oneshot")
 
     def prune(model, calibration, targets, env=InferenceEnv(), **kw):
         calls.append(dict(model=model, calibration=calibration, targets=list(targets), env=env, **kw))
@@ -126,7 +126,7 @@ def fake_prune(monkeypatch):
         return fam
 
     mod.prune = prune
-    monkeypatch.setitem(sys.modules, "ziplm_ext.pipeline", mod)
+    monkeypatch.setitem(sys.modules, "ziplm_ext.methods.ziplm_oneshot", mod)
     if hasattr(ziplm_ext, "prune"):
         monkeypatch.setattr(ziplm_ext, "prune", mod)
     mod.calls = calls
@@ -439,7 +439,7 @@ def test_eval_missing_model(tmp_path, textfile, capsys):
 
 
 def test_prune_gradual_and_flop_pass_training_options(tmp_path, textfile, fake_models, fake_prune, capsys):
-    from ziplm_ext.distill import DistillConfig
+    from ziplm_ext.stages.distill import DistillConfig
 
     argv = prune_argv(tmp_path / "g", textfile) + ["--seq-len", "16", "--gradual", "--train-steps", "5",
                                                   "--train-blocks", "3", "--train-batch-size", "2", "--lr", "3e-4",

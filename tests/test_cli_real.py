@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ziplm_ext import cli
-from ziplm_ext.latency_table import LatencyTable
+from ziplm_ext.cli import commands as cli
+from ziplm_ext.stages.latency.table import LatencyTable
 
 TEXT = ("Anarchism is a political philosophy and movement that is sceptical of authority and rejects all "
         "involuntary, coercive forms of hierarchy. Autism is a neurodevelopmental condition. ") * 30

@@ -11,9 +11,9 @@ import types
 import pytest
 import torch
 
-from ziplm_ext import data as D
-from ziplm_ext import metrics as X
-from ziplm_ext import models as M
+from ziplm_ext.eval import data as D
+from ziplm_ext.eval import metrics as X
+from ziplm_ext.io import models as M
 
 # The fixed held-out split (sha256 of salt + title, bucket < 10 of 100).  If this
 # list changes, every eval number reported so far is no longer comparable:
@@ -136,7 +136,7 @@ def test_split_sizes_reasonable():
 
 
 def test_split_independent_of_python_hash_seed():
-    code = ("from ziplm_ext import data as D; import json;"
+    code = ("from ziplm_ext.eval import data as D; import json;"
             "print(json.dumps([D.article_split(t) for t in ['Alabama','Aristotle','Zebra','x']]))")
     outs = []
     for seed in ("1", "12345"):
@@ -309,13 +309,13 @@ def test_load_model_local_dirs(tmp_path, monkeypatch):
     M.check_tokenizer(enc, btok)
 
     # ziplm_shapes.json -> ziplm_ext.export.load_pruned (module written elsewhere: faked here)
-    import ziplm_ext
+    import ziplm_ext.io
 
     calls = []
-    fake = types.ModuleType("ziplm_ext.export")
+    fake = types.ModuleType("ziplm_ext.io.export")
     fake.load_pruned = lambda d: calls.append(d) or ("MODEL", "TOK")
-    monkeypatch.setitem(sys.modules, "ziplm_ext.export", fake)
-    monkeypatch.setattr(ziplm_ext, "export", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "ziplm_ext.io.export", fake)
+    monkeypatch.setattr(ziplm_ext.io, "export", fake, raising=False)
     (tmp_path / "gpt2" / "ziplm_shapes.json").write_text("{}")
     assert M.load_model(tmp_path / "gpt2") == ("MODEL", "TOK")
     assert calls == [str(tmp_path / "gpt2")]

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ziplm_ext.calibrate import make_batches
-from ziplm_ext.database import build_database, default_levels
+from ziplm_ext.stages.calibrate import make_batches
+from ziplm_ext.stages.database import build_database, default_levels
 
 
 def tiny_llama(layers=4, seed=0):

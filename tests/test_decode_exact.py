@@ -28,14 +28,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from ziplm_ext.adapters import get_adapter  # noqa: E402
-from ziplm_ext.adapters.base import (  # noqa: E402
-    ConstantOutput,
-    cache_keyword,
-    cache_kwargs,
-    find_kv_cache,
-    output_cache,
-)
-from ziplm_ext.export import load_pruned, save_pruned  # noqa: E402
+from ziplm_ext.adapters.base import ConstantOutput, cache_keyword, cache_kwargs, find_kv_cache, output_cache
+from ziplm_ext.io.export import load_pruned, save_pruned  # noqa: E402
 
 VOCAB = 61
 N_LAYERS = 3

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from ziplm_ext.distill import DistillConfig, FinetuneStats, distill_loss, finetune  # noqa: E402
+from ziplm_ext.stages.distill import DistillConfig, FinetuneStats, distill_loss, finetune  # noqa: E402
 
 VOCAB = 64
 

@@ -10,9 +10,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from ziplm_ext import export  # noqa: E402
+from ziplm_ext.io import export  # noqa: E402
 from ziplm_ext.adapters import RemovedModule, get_adapter  # noqa: E402
-from ziplm_ext.export import PrunedSaveError, load_pruned, save_pruned  # noqa: E402
+from ziplm_ext.io.export import PrunedSaveError, load_pruned, save_pruned  # noqa: E402
 
 try:
     from test_adapters import make_inputs, make_model  # noqa: E402

@@ -13,11 +13,12 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ziplm_ext import flop, latency  # noqa: E402
-from ziplm_ext.distill import DistillConfig  # noqa: E402
-from ziplm_ext.export import load_pruned, save_pruned  # noqa: E402
-from ziplm_ext.latency_table import InferenceEnv  # noqa: E402
-from ziplm_ext.search import UnreachableTargetError  # noqa: E402
+from ziplm_ext.methods.flop import train as flop
+from ziplm_ext.stages.latency import build as latency  # noqa: E402
+from ziplm_ext.stages.distill import DistillConfig  # noqa: E402
+from ziplm_ext.io.export import load_pruned, save_pruned  # noqa: E402
+from ziplm_ext.stages.latency.table import InferenceEnv  # noqa: E402
+from ziplm_ext.stages.search.dp import UnreachableTargetError  # noqa: E402
 
 VOCAB = 64
 

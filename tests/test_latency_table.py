@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from ziplm_ext.latency_table import FORMAT_VERSION, InferenceEnv, LatencyTable
-from ziplm_ext.search import UnreachableTargetError
+from ziplm_ext.stages.latency.table import FORMAT_VERSION, InferenceEnv, LatencyTable
+from ziplm_ext.stages.search.dp import UnreachableTargetError
 
 
 def make_table(env=None):

@@ -7,7 +7,8 @@ the float32 oracle itself makes against the float64 oracle (the flash-attention 
 import pytest
 import torch
 
-from ziplm_ext import ops, reference as ref
+from ziplm_ext.native import ops
+from ziplm_ext.native import reference as ref
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -6,9 +6,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import ziplm_ext
 from ziplm_ext.adapters import UnsupportedArchitectureError, get_adapter
-from ziplm_ext.calibrate import block_hessians, make_batches
-from ziplm_ext.database import build_database
-from ziplm_ext.pipeline import StitchedLoss, build_pruned_model
+from ziplm_ext.stages.calibrate import block_hessians, make_batches
+from ziplm_ext.stages.database import build_database
+from ziplm_ext.methods.ziplm_oneshot import StitchedLoss, build_pruned_model
 
 
 def tiny_llama(seed=0):
@@ -104,8 +104,8 @@ def test_end_to_end_real_minilm(tmp_path):
     ZipLM's non-uniform, OBS-updated allocation must keep the embeddings closer to the dense
     model than the uniform baseline (same width fraction in every layer of a kind, OBS updates)
     at the same speedup target (ZipLM paper, comparison with uniform structured pruning)."""
-    from ziplm_ext.data import sentence_batches, wiki_split
-    from ziplm_ext.models import load_minilm
+    from ziplm_ext.eval.data import sentence_batches, wiki_split
+    from ziplm_ext.io.models import load_minilm
 
     model, tok = load_minilm()
     ev = sentence_batches(wiki_split("eval"), tok, 64, 32, seed=0)
@@ -134,7 +134,7 @@ def test_end_to_end_real_minilm(tmp_path):
 def test_ffn_levels_round_to_hardware_multiples():
     import functools
 
-    from ziplm_ext.database import default_levels
+    from ziplm_ext.stages.database import default_levels
 
     model = tiny_llama()
     db = build_database(model, make_batches(calib(), None, 4), progress=False,
@@ -152,8 +152,8 @@ def test_ffn_levels_round_to_hardware_multiples():
 
 def _synthetic_table(model, env):
     """Times proportional to the kept width on the default level grid (no timing in tests)."""
-    from ziplm_ext.database import default_levels
-    from ziplm_ext.latency_table import LatencyTable
+    from ziplm_ext.stages.database import default_levels
+    from ziplm_ext.stages.latency.table import LatencyTable
 
     rows = {}
     for l in get_adapter(model).prunable_layers(model):
@@ -186,7 +186,7 @@ def test_database_on_a_pruned_model_uses_current_widths():
 
 
 def _gradual(model, targets, workdir, steps=3):
-    from ziplm_ext.distill import DistillConfig
+    from ziplm_ext.stages.distill import DistillConfig
 
     env = ziplm_ext.InferenceEnv(seq_len=16)
     return ziplm_ext.prune(model, calib(8), targets, env, mode="gradual", train_data=calib(16, 16, seed=7),
@@ -219,7 +219,7 @@ def test_gradual_resume_equals_uninterrupted(tmp_path):
 
 
 def test_prune_routes_flop_and_checks_training_input(monkeypatch):
-    import ziplm_ext.flop as F
+    import ziplm_ext.methods.flop.train as F
 
     model = tiny_llama()
     with pytest.raises(ValueError, match="method='flop' trains: give train_data="):

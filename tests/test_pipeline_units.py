@@ -19,14 +19,14 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import ziplm_ext.latency as LAT
-import ziplm_ext.pipeline as P
+import ziplm_ext.stages.latency.build as LAT
+import ziplm_ext.methods.ziplm_oneshot as P
 from ziplm_ext.adapters import get_adapter
 from ziplm_ext.adapters.base import expand_groups
-from ziplm_ext.calibrate import make_batches
-from ziplm_ext.database import build_database, default_levels
-from ziplm_ext.latency_table import InferenceEnv, LatencyTable
-from ziplm_ext.search import UnreachableTargetError, uniform_per_kind_levels
+from ziplm_ext.stages.calibrate import make_batches
+from ziplm_ext.stages.database import build_database, default_levels
+from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable
+from ziplm_ext.stages.search.dp import UnreachableTargetError, uniform_per_kind_levels
 
 ENV = InferenceEnv(seq_len=16)
 REAL_SEARCH = P.search_target
@@ -282,13 +282,14 @@ def test_module_overheads_follow_the_formula(monkeypatch):
     L = 2  # modules of each kind
     s_attn = 1 / (1 - 0.13 * L / 2.0)   # one full attention module really costs 0.13 s
     s_ffn = 0.98                         # removing the FFNs "slowed the model down" (noise)
-    fake = mock_removal(monkeypatch, [s_attn, s_ffn])
+    fake = mock_removal(monkeypatch, [s_attn, s_ffn, 2.0])
     out = P.add_module_overheads(table, model, ENV, rounds=7)
     # the variants: every attention removed / every FFN removed, nothing else touched
     (call,) = fake.calls
     assert call["rounds"] == 7
     assert call["shapes"][0] == {"blocks.0.attn": 0, "blocks.0.ffn": 96, "blocks.1.attn": 0, "blocks.1.ffn": 96}
     assert call["shapes"][1] == {"blocks.0.attn": 2, "blocks.0.ffn": 0, "blocks.1.attn": 2, "blocks.1.ffn": 0}
+    assert call["shapes"][2] == {"blocks.0.attn": 0, "blocks.0.ffn": 0, "blocks.1.attn": 0, "blocks.1.ffn": 0}
     assert get_adapter(model).shapes(model)["blocks.0.attn"] == 2  # the model itself is not modified
 
     real_attn = table.dense_time * (1 - 1 / s_attn) / L
@@ -310,7 +311,7 @@ def test_module_overheads_of_both_kinds(monkeypatch):
     model = tiny_llama()
     table = overhead_table(model, dense_time=2.0)
     s_attn, s_ffn = 1 / (1 - 0.12), 1 / (1 - 0.2)  # real full modules: 0.12 s and 0.2 s
-    mock_removal(monkeypatch, [s_attn, s_ffn])
+    mock_removal(monkeypatch, [s_attn, s_ffn, 2.0])
     out = P.add_module_overheads(table, model, ENV)
     assert out.meta["module_overheads"] == {"attn": pytest.approx(0.02), "ffn": pytest.approx(0.05)}
     assert out.layer_times["blocks.1.ffn"][1] == pytest.approx(0.15 / 96 + 0.05)
@@ -318,27 +319,30 @@ def test_module_overheads_of_both_kinds(monkeypatch):
     assert out.prunable_time == pytest.approx(sum(max(r.values()) for r in out.layer_times.values()))
 
 
-def test_module_overheads_scaled_down_when_noise_exceeds_dense(monkeypatch):
+@pytest.mark.parametrize("s_all, unprunable", [(1.25, 0.8), (1.0 / 0.0004, 0.001)])
+def test_module_overheads_scaled_down_when_noise_exceeds_dense(monkeypatch, s_all, unprunable):
     model = tiny_llama()
     table = overhead_table(model, dense_time=1.0)  # prunable 0.5 of 1.0
     s_attn = 1 / (1 - 0.4 * 2 / 1.0)               # "a full attention module costs 0.4 s": impossible
-    mock_removal(monkeypatch, [s_attn, 1.0])
+    mock_removal(monkeypatch, [s_attn, 1.0, s_all])
     out = P.add_module_overheads(table, model, ENV)
     oh = 0.4 - 0.1
     assert out.meta["module_overheads"]["attn"] == pytest.approx(oh)
-    # unscaled the prunable modules would take 1.1 s > dense 1.0 s: every kept entry is lowered by
-    # one common excess so that they sum to 0.999 x dense (clamped at 0)
-    excess = (table.prunable_time + 2 * oh - 0.999 * table.dense_time) / 4
+    # unscaled the prunable modules would take 1.1 s: every entry is scaled by one common factor
+    # so that they leave the measured unprunable part (all modules removed: dense / s_all, at
+    # least 0.1% of dense) in place
+    limit = table.dense_time - unprunable
+    scale = limit / (table.prunable_time + 2 * oh)
     for name, row in table.layer_times.items():
         add = oh if name.endswith("attn") else 0.0
         for k, t in row.items():
-            want = max(0.0, t + add - excess) if k > 0 else 0.0
+            want = (t + add) * scale if k > 0 else 0.0
             assert out.layer_times[name][k] == pytest.approx(want, abs=1e-12), (name, k)
-    assert out.prunable_time == pytest.approx(0.999 * table.dense_time)
-    assert out.prunable_time <= out.dense_time
+    assert out.prunable_time == pytest.approx(limit)
     assert out.prunable_time == pytest.approx(sum(max(r.values()) for r in out.layer_times.values()))
+    assert out.prunable_time <= limit + 1e-12 and out.unprunable_time >= unprunable - 1e-12
     assert all(t >= 0 for r in out.layer_times.values() for t in r.values())
-    assert out.max_speedup() > 1
+    assert 1 < out.max_speedup() <= 1 / unprunable + 1e-9
 
 
 # ----------------------------------------------------------------------------- _baselines

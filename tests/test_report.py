@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from ziplm_ext.latency_table import InferenceEnv, LatencyTable  # noqa: E402
+from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable  # noqa: E402
 from ziplm_ext.report import REPORT_MD, REPORT_PNG, best_per_target, quality_key, render_markdown, write_report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

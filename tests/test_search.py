@@ -4,15 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from ziplm_ext.search import (
-    SearchResult,
-    UnreachableTargetError,
-    solve_dp,
-    spdy_search,
-    total_time,
-    uniform_allocation,
-    uniform_levels,
-)
+from ziplm_ext.stages.search.dp import SearchResult, UnreachableTargetError, solve_dp, spdy_search, total_time, uniform_allocation, uniform_levels
 
 
 def brute_force(errors, times, budget):
@@ -329,7 +321,7 @@ def test_search_module_imports_numpy_only():
     import ast
     import pathlib
 
-    import ziplm_ext.search as s
+    import ziplm_ext.stages.search.dp as s
 
     tree = ast.parse(pathlib.Path(s.__file__).read_text())
     mods = set()
@@ -344,7 +336,7 @@ def test_search_module_imports_numpy_only():
 
 
 def test_uniform_per_kind_fits_tightest_and_beats_single_fraction():
-    from ziplm_ext.search import uniform_per_kind_levels
+    from ziplm_ext.stages.search.dp import uniform_per_kind_levels
 
     # 2 attention layers with 3 structures (coarse), 2 FFN layers with a fine grid
     counts = [[3, 2, 1, 0], [3, 2, 1, 0], list(range(10, -1, -1)), list(range(10, -1, -1))]

@@ -17,16 +17,9 @@ import pytest
 import torch
 
 import ziplm_ext._C as _C  # the extension is a required part of the install: no skip
-from ziplm_ext import reference, timing
-from ziplm_ext.timing import (
-    Timing,
-    attention_block_reference,
-    ffn_block_reference,
-    reference_time_attention,
-    reference_time_ffn,
-    time_attention,
-    time_ffn,
-)
+from ziplm_ext.native import reference
+from ziplm_ext.native import timing
+from ziplm_ext.native.timing import Timing, attention_block_reference, ffn_block_reference, reference_time_attention, reference_time_ffn, time_attention, time_ffn
 
 _CUDA_OK = torch.cuda.is_available() and _C.cuda_built()
 DEVICES = [

@@ -7,7 +7,7 @@
 """
 __version__ = "0.1.0"
 
-from .latency_table import InferenceEnv, LatencyTable  # noqa: E402
+from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable  # noqa: E402
 
 __all__ = ["InferenceEnv", "LatencyTable", "prune", "load_pruned", "PrunedFamily", "PrunedResult"]
 
@@ -15,11 +15,11 @@ __all__ = ["InferenceEnv", "LatencyTable", "prune", "load_pruned", "PrunedFamily
 def __getattr__(name):
     # Heavy modules (transformers, the native extension) load on first use.
     if name in ("prune", "PrunedFamily", "PrunedResult"):
-        from . import pipeline as _prune
+        from ziplm_ext.methods import ziplm_oneshot as _prune
 
         return getattr(_prune, name)
     if name == "load_pruned":
-        from .export import load_pruned
+        from ziplm_ext.io.export import load_pruned
 
         return load_pruned
     raise AttributeError(f"module 'ziplm_ext' has no attribute {name!r}")

@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
-from .fileio import atomic_write_bytes
+from ziplm_ext.io.fileio import atomic_write_bytes
 
 REPORT_MD = "report.md"
 REPORT_PNG = "quality_vs_speedup.png"

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-from .base import Adapter, PrunableLayer, RemovedModule, UnsupportedArchitectureError
-from .bert import BertAdapter
-from .gpt2 import GPT2Adapter
-from .llama import LlamaAdapter
+from ziplm_ext.adapters.base import Adapter, PrunableLayer, RemovedModule, UnsupportedArchitectureError
+from ziplm_ext.adapters.bert import BertAdapter
+from ziplm_ext.adapters.gpt2 import GPT2Adapter
+from ziplm_ext.adapters.llama import LlamaAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, LlamaAdapter)
 

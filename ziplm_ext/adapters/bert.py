@@ -32,7 +32,7 @@ import copy
 
 from torch import nn
 
-from .base import Adapter, RemovedModule, expand_groups, find_kv_cache, slice_inputs, slice_outputs, touch_kv_cache
+from ziplm_ext.adapters.base import Adapter, RemovedModule, expand_groups, find_kv_cache, slice_inputs, slice_outputs, touch_kv_cache
 
 
 class BiasLayerNorm(RemovedModule):

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 
-from .base import Adapter, ConstantOutput, RemovedModule, expand_groups, slice_inputs, slice_outputs
+from ziplm_ext.adapters.base import Adapter, ConstantOutput, RemovedModule, expand_groups, slice_inputs, slice_outputs
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 

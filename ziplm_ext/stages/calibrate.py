@@ -13,9 +13,9 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from . import ops
-from .adapters import get_adapter
-from .adapters.base import Adapter, PrunableLayer
+from ziplm_ext.native import ops
+from ziplm_ext.adapters import get_adapter
+from ziplm_ext.adapters.base import Adapter, PrunableLayer
 
 
 class _StopForward(Exception):

@@ -39,9 +39,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from .adapters import get_adapter
-from .adapters.base import cache_kwargs, output_cache
-from .latency_table import InferenceEnv, LatencyTable
+from ziplm_ext.adapters import get_adapter
+from ziplm_ext.adapters.base import cache_kwargs, output_cache
+from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable
 
 __all__ = [
     "ModelShapes",
@@ -170,7 +170,7 @@ def _sync(device: torch.device) -> None:
 
 def _native_available() -> bool:
     try:
-        from . import timing
+        from ziplm_ext.native import timing
 
         x = torch.zeros(1, 1, 1)
         w = torch.zeros(1, 1)
@@ -236,7 +236,7 @@ class _BlockTimer:
 
     def time(self, kind: str, k: int, warmup: int, reps: int) -> torch.Tensor:
         """Per-repetition seconds (float64, length ``reps``)."""
-        from . import timing
+        from ziplm_ext.native import timing
 
         w = self._weights(kind, k)
         if kind == "attn" and self.decode:

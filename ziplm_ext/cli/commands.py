@@ -255,7 +255,7 @@ def validate_device(device: str) -> None:
 
 
 def make_env(args):
-    from .latency_table import InferenceEnv
+    from ziplm_ext.stages.latency.table import InferenceEnv
 
     validate_device(args.device)
     return InferenceEnv(device=args.device, dtype=args.dtype, batch_size=args.batch_size,
@@ -264,7 +264,7 @@ def make_env(args):
 
 def load_texts(data: str, split: str) -> list[str]:
     """``'wiki'`` -> Wikipedia ``split``; anything else -> a UTF-8 text file."""
-    from . import data as D
+    from ziplm_ext.eval import data as D
 
     if data.strip().lower() == "wiki":
         return D.wiki_split(split)
@@ -279,7 +279,7 @@ def is_causal_lm(model) -> bool:
 def _load(name: str, dtype: str = "float32", device: str = "cpu"):
     import torch
 
-    from . import models as M
+    from ziplm_ext.io import models as M
 
     dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     model, tok = M.load_model(name, dtype=dt)
@@ -318,7 +318,7 @@ def cmd_prune(args) -> int:
     if args.latency_table:
         if args.method == "flop":
             raise CLIError("--latency-table applies to --method ziplm only (FLOP measures a speedup curve)")
-        from .latency_table import LatencyTable
+        from ziplm_ext.stages.latency.table import LatencyTable
 
         path = Path(args.latency_table).expanduser()
         if not path.is_file():
@@ -326,7 +326,7 @@ def cmd_prune(args) -> int:
         table = LatencyTable.load(path)
         table.check_env(env)  # before the model loads
 
-    from . import models as M
+    from ziplm_ext.io import models as M
 
     texts = load_texts(args.data, "train")  # missing / empty / non-UTF-8 file fails here, before the model loads
     _log(f"{PROG}: loading {args.model} ...", quiet)
@@ -335,11 +335,11 @@ def cmd_prune(args) -> int:
     if tok is None:
         raise CLIError(f"model {args.model} has no tokenizer files; cannot tokenize the calibration text")
     M.check_tokenizer(model, tok)
-    from .adapters import get_adapter
+    from ziplm_ext.adapters import get_adapter
 
     get_adapter(model)  # UnsupportedArchitectureError before any heavy work
 
-    from . import data as D
+    from ziplm_ext.eval import data as D
 
     eval_texts = D.wiki_split("eval")
     if is_causal_lm(model):
@@ -349,7 +349,7 @@ def cmd_prune(args) -> int:
 
     training = {}
     if args.gradual or args.method == "flop":
-        from .distill import DistillConfig
+        from ziplm_ext.stages.distill import DistillConfig
 
         distill = DistillConfig(task_weight=args.task_weight, logit_weight=args.logit_weight,
                                 hidden_weight=args.hidden_weight, temperature=args.temperature, lr=args.lr,
@@ -360,7 +360,7 @@ def cmd_prune(args) -> int:
             train = D.sentence_batches(texts, tok, args.seq_len, args.train_blocks, seed=args.seed + 1)
         training = dict(mode="gradual" if args.gradual else "oneshot", train_data=train,
                         steps_per_target=args.train_steps, distill=distill)
-    P = importlib.import_module(".pipeline", __package__)
+    P = importlib.import_module("ziplm_ext.methods.ziplm_oneshot")
     family = P.prune(model, texts, targets, env, tokenizer=tok, num_calibration_blocks=args.num_calibration,
                      damp=args.damp, spdy_evaluations=args.spdy_evaluations,
                      workdir=str(workdir) if workdir is not None else None, seed=args.seed,
@@ -369,7 +369,7 @@ def cmd_prune(args) -> int:
                      latency_table=table, measure=not args.no_measure, measure_rounds=args.measure_rounds,
                      **training)
     family.save(str(out))
-    from .report import write_report
+    from ziplm_ext.report import write_report
 
     try:
         md_path, png_path = write_report(family, out)
@@ -382,7 +382,7 @@ def cmd_prune(args) -> int:
 
 def summary_table(family) -> str:
     """Short fixed-width table: one line per target (+ baselines)."""
-    from .report import _rows, quality_key
+    from ziplm_ext.report import _rows, quality_key
 
     key = quality_key(family)
     label = {"perplexity": "ppl", "embedding_cosine": "emb_cos", "calibration_loss": "calib_loss"}.get(key, key)
@@ -409,10 +409,10 @@ def cmd_latency(args) -> int:
     out = validate_out_file(args.out)
     # As in prune: the model stays in float32, the timings run in the environment's dtype.
     model, _tok = _load(args.model, "float32", args.device)
-    from .adapters import get_adapter
+    from ziplm_ext.adapters import get_adapter
 
     get_adapter(model)
-    P = importlib.import_module(".pipeline", __package__)
+    P = importlib.import_module("ziplm_ext.methods.ziplm_oneshot")
     table = P.build_environment_table(model, env, ffn_multiple=args.ffn_multiple, reps=args.reps, rounds=args.rounds,
                                       progress=not args.no_progress)
     table.save(out)
@@ -425,9 +425,9 @@ def cmd_latency(args) -> int:
 def cmd_eval(args) -> int:
     validate_device(args.device)
     texts = load_texts(args.data, "eval")
-    from . import data as D
-    from . import metrics as MET
-    from . import models as M
+    from ziplm_ext.eval import data as D
+    from ziplm_ext.eval import metrics as MET
+    from ziplm_ext.io import models as M
 
     model, tok = _load(args.model, args.dtype, args.device)
     ref = ref_tok = None

@@ -165,7 +165,7 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"model path must be a directory, got a file: {path}")
 
     if (path / SHAPES_FILE).is_file():
-        from . import export  # written elsewhere; imported lazily on purpose
+        from ziplm_ext.io import export  # written elsewhere; imported lazily on purpose
 
         out = export.load_pruned(str(path))
         if isinstance(out, tuple):

@@ -12,7 +12,7 @@ import torch
 
 _NATIVE_ERROR: Optional[BaseException] = None
 try:  # importing _C registers torch.ops.ziplm.*
-    from . import _C  # noqa: F401
+    from ziplm_ext import _C  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     _NATIVE_ERROR = exc
 

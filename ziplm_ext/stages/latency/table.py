@@ -38,7 +38,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping
 
-from .fileio import atomic_write_bytes
+from ziplm_ext.io.fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1
 
@@ -254,7 +254,7 @@ class LatencyTable:
             raise ValueError(f"target must be > 1, got {target_speedup!r}")
         b = self.dense_time / target - self.unprunable_time
         if b <= 0:
-            from .search import UnreachableTargetError
+            from ziplm_ext.stages.search.dp import UnreachableTargetError
 
             raise UnreachableTargetError(
                 f"target {target:g}x is unreachable: the unprunable part alone takes {self.unprunable_time:.6g}s "

@@ -56,8 +56,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import get_adapter
-from .adapters.base import is_conv1d
+from ziplm_ext.adapters import get_adapter
+from ziplm_ext.adapters.base import is_conv1d
 
 __all__ = ["save_pruned", "load_pruned", "PrunedSaveError", "SHAPES_FILE", "WEIGHTS_FILE", "BUFFERS_FILE"]
 
@@ -111,7 +111,7 @@ def _non_persistent_buffers(model) -> dict[str, torch.Tensor]:
 
 def _flop_layers(model) -> list[dict]:
     """Records of the exported FLOP layers of ``model`` (see the module docstring)."""
-    from .flop import FactorizedLinear, LowRankLinear
+    from ziplm_ext.methods.flop.train import FactorizedLinear, LowRankLinear
 
     out = []
     for path, m in model.named_modules():
@@ -244,7 +244,7 @@ def _build_flop_layers(model, records: list[dict], directory) -> None:
     """Replace the recorded FLOP low-rank layers of the (meta-device) model by empty LowRankLinear."""
     if not records:
         return
-    from .flop import LowRankLinear
+    from ziplm_ext.methods.flop.train import LowRankLinear
 
     for r in records:
         try:

@@ -19,11 +19,11 @@ from typing import Callable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import ops
-from .fileio import atomic_write_bytes
-from .adapters import get_adapter
-from .adapters.base import Adapter, PrunableLayer
-from .calibrate import CalibrationBatch, block_hessians
+from ziplm_ext.native import ops
+from ziplm_ext.io.fileio import atomic_write_bytes
+from ziplm_ext.adapters import get_adapter
+from ziplm_ext.adapters.base import Adapter, PrunableLayer
+from ziplm_ext.stages.calibrate import CalibrationBatch, block_hessians
 
 FORMAT_VERSION = 2  # 2: the fingerprint covers every weight, the widths and the level grid
 
@@ -122,7 +122,7 @@ def default_levels(layer: PrunableLayer, ffn_ratio: float = 0.9, ffn_min_frac: f
     """Every head count for attention; a geometric grid of widths for the FFN (ZIPLM.md §3)."""
     if layer.kind == "attn":
         return list(range(layer.num_structures, -1, -1))
-    from .latency import ffn_levels
+    from ziplm_ext.stages.latency.build import ffn_levels
 
     return ffn_levels(layer.num_structures, ratio=ffn_ratio, min_frac=ffn_min_frac, multiple=ffn_multiple)
 

@@ -92,10 +92,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import get_adapter
-from .adapters.base import is_conv1d
-from .latency_table import InferenceEnv
-from .search import UnreachableTargetError
+from ziplm_ext.adapters import get_adapter
+from ziplm_ext.adapters.base import is_conv1d
+from ziplm_ext.stages.latency.table import InferenceEnv
+from ziplm_ext.stages.search.dp import UnreachableTargetError
 
 __all__ = [
     "BETA", "GAMMA", "ZETA", "INIT_LOG_ALPHA", "DEFAULT_CURVE_DENSITIES",
@@ -646,7 +646,7 @@ def measure_speedup_curve(model, env: InferenceEnv, densities: Sequence[float] =
 
     ``factorized``: an already factorised copy of ``model`` with untrained gates (saves the SVDs).
     """
-    from . import latency
+    from ziplm_ext.stages.latency import build as latency
 
     densities = sorted({float(d) for d in densities})
     if not densities or any(not 0 < d < 1 for d in densities):
@@ -689,7 +689,7 @@ def train_flop(student, teacher, train_data, target_density: float, steps: int, 
     The gates' ``log_alpha`` get ``gate_lr`` (no weight decay), every other student parameter the
     config's ``lr``; the target ramps over ``round(warmup_frac * steps)`` steps.
     """
-    from .distill import DistillConfig, finetune
+    from ziplm_ext.stages.distill import DistillConfig, finetune
 
     cfg = distill or DistillConfig()
     layers = factorized_layers(student)
@@ -795,8 +795,8 @@ def flop_prune(model: nn.Module, train_data, targets, env: Optional[InferenceEnv
     ``flop_target_density``, ``flop_expected_density`` (end of training), ``flop_hard_sparsity``,
     ``flop_shrink_rounds``, ``train_tokens_per_second`` and ``train_seconds``.
     """
-    from .distill import DistillConfig, check_train_data
-    from .pipeline import PrunedFamily, PrunedResult, _validate_targets, num_parameters
+    from ziplm_ext.stages.distill import DistillConfig, check_train_data
+    from ziplm_ext.methods.ziplm_oneshot import PrunedFamily, PrunedResult, _validate_targets, num_parameters
 
     env = env or InferenceEnv()
     targets = _validate_targets(targets)
@@ -833,7 +833,7 @@ def flop_prune(model: nn.Module, train_data, targets, env: Optional[InferenceEnv
     stages["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    from . import latency
+    from ziplm_ext.stages.latency import build as latency
 
     built = {t: export_flop_model(trained[t]["student"], trained[t]["ranks"]) for t in targets}
     measured = dict(zip(targets, latency.measure_speedups(model, [built[t] for t in targets], env,
@@ -862,7 +862,7 @@ def flop_prune(model: nn.Module, train_data, targets, env: Optional[InferenceEnv
     dense_metrics = {}
     deployed = latency.in_env(model, env)  # quality as deployed: both models in the environment's dtype
     if eval_data is not None:
-        from .evaluate import evaluate_model
+        from ziplm_ext.eval.evaluate import evaluate_model
 
         dense_metrics = evaluate_model(deployed, deployed, eval_data)
     results = []

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .metrics import embedding_cosine, perplexity
+from ziplm_ext.eval.metrics import embedding_cosine, perplexity
 
 
 def evaluate_model(model, dense, eval_data) -> dict[str, float]:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .ops import GreedyOBSResult
+from ziplm_ext.native.ops import GreedyOBSResult
 
 
 def _check_float(t: torch.Tensor, name: str) -> None:
@@ -118,7 +118,7 @@ _TIMING_ORACLES = {
 
 def _timing_oracle_with_output(op: str):
     """Oracle for ``torch.ops.ziplm.<op>_with_output``: ``(per-rep seconds, block output)``."""
-    from . import timing
+    from ziplm_ext.native import timing
 
     time_name, block_name = _TIMING_ORACLES[op]
 
@@ -134,7 +134,7 @@ def _timing_oracle_with_output(op: str):
 def __getattr__(name):
     # The slice-timing oracles live next to their wrappers in ziplm_ext.timing.
     if name in _TIMING_ORACLES:
-        from . import timing
+        from ziplm_ext.native import timing
 
         return getattr(timing, _TIMING_ORACLES[name][0])
     if name.endswith("_with_output") and name[: -len("_with_output")] in _TIMING_ORACLES:

@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import get_adapter
-from .calibrate import make_batches
-from .database import ObsDatabase, build_database, default_levels
-from .latency_table import InferenceEnv, LatencyTable
-from .search import UnreachableTargetError, spdy_search, uniform_levels, uniform_per_kind_levels
+from ziplm_ext.adapters import get_adapter
+from ziplm_ext.stages.calibrate import make_batches
+from ziplm_ext.stages.database import ObsDatabase, build_database, default_levels
+from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable
+from ziplm_ext.stages.search.dp import UnreachableTargetError, spdy_search, uniform_levels, uniform_per_kind_levels
 
 MIN_SPEEDUP_FRACTION = 0.97  # a delivered model must measure at least this fraction of its target
 MAX_OVERSHOOT = 1.10         # beyond this the model was pruned more than needed: re-fit and re-solve
@@ -83,7 +83,7 @@ class PrunedFamily:
     def save(self, directory) -> Path:
         """Write ``target_<s>x/`` (one pruned model per target), ``latency_table.json`` and
         ``family.json`` into `directory`, atomically: nothing is left behind on failure."""
-        from .export import save_pruned
+        from ziplm_ext.io.export import save_pruned
 
         target = Path(directory)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -135,8 +135,8 @@ def _calibration_tensor(calibration, tokenizer, env: InferenceEnv, num_blocks: i
     else:
         if tokenizer is None:
             raise ValueError("calibration given as texts needs tokenizer=")
-        from .data import token_blocks
-        from .models import check_tokenizer
+        from ziplm_ext.eval.data import token_blocks
+        from ziplm_ext.io.models import check_tokenizer
 
         check_tokenizer(model, tokenizer)
         ids = token_blocks(list(calibration), tokenizer, env.seq_len, num_blocks, seed=seed)
@@ -264,20 +264,24 @@ def add_module_overheads(table: LatencyTable, model: nn.Module, env: InferenceEn
     that vanishes only when the module is removed. We measure it end to end: the dense model
     against copies with every attention (resp. FFN) module removed, interleaved; the saved time per
     module minus its native full-width time is that kind's overhead, added to every kept count > 0.
+    A third copy with every module removed measures the unprunable part (embeddings, head, norms)
+    directly; when noise makes the modules add up to more than the rest of the model, the kept
+    entries are scaled down so that this measured part stays (otherwise the table would claim an
+    almost free model and unreachable targets would pass as reachable).
     """
-    from .latency import measure_speedups
+    from ziplm_ext.stages.latency.build import measure_speedups
 
     adapter = get_adapter(model)
     layers = adapter.prunable_layers(model)
     kinds = sorted({l.kind for l in layers})
     variants = []
-    for kind in kinds:
+    for removed in [(kind,) for kind in kinds] + [tuple(kinds)]:
         m = copy.deepcopy(model).eval()
         for l in layers:
-            if l.kind == kind:
+            if l.kind in removed:
                 adapter.slice(m, l, [])
         variants.append(m)
-    speedups = measure_speedups(model, variants, env, rounds=rounds)
+    *speedups, s_all = measure_speedups(model, variants, env, rounds=rounds)
     layer_times = {n: dict(row) for n, row in table.layer_times.items()}
     overheads = {}
     for kind, s in zip(kinds, speedups):
@@ -290,14 +294,14 @@ def add_module_overheads(table: LatencyTable, model: nn.Module, env: InferenceEn
                 if k > 0:
                     layer_times[l.name][k] += overheads[kind]
     prunable = sum(layer_times[l.name][l.num_structures] for l in layers)
-    if prunable > table.dense_time:  # noise: keep the table consistent, scale the overheads down
-        excess = (prunable - table.dense_time * 0.999) / len(layers)
-        for l in layers:
-            for k in layer_times[l.name]:
-                if k > 0:
-                    layer_times[l.name][k] = max(0.0, layer_times[l.name][k] - excess)
+    unprunable = min(max(table.dense_time / s_all, 0.001 * table.dense_time), 0.95 * table.dense_time)
+    limit = table.dense_time - unprunable
+    if prunable > limit:  # noise: keep the measured unprunable part, scale the modules down
+        scale = limit / prunable
+        layer_times = {n: {k: t * scale for k, t in row.items()} for n, row in layer_times.items()}
         prunable = sum(layer_times[l.name][l.num_structures] for l in layers)
-    meta = dict(table.meta, module_overheads=overheads, module_removal_speedups=dict(zip(kinds, speedups)))
+    meta = dict(table.meta, module_overheads=overheads, module_removal_speedups=dict(zip(kinds, speedups)),
+                all_modules_removed_speedup=s_all)
     return LatencyTable(table.env, table.dense_time, prunable, layer_times, meta)
 
 
@@ -306,7 +310,7 @@ def build_environment_table(model: nn.Module, env: InferenceEnv, *, ffn_multiple
     """The latency table `prune` searches with: native block timings on the level grid (FFN widths
     rounded to `ffn_multiple`) plus each module kind's measured fixed overhead. ``ziplm latency``
     writes exactly this, so a saved table can be passed back to ``prune``."""
-    from .latency import build_latency_table
+    from ziplm_ext.stages.latency.build import build_latency_table
 
     levels_fn = functools.partial(default_levels, ffn_multiple=ffn_multiple)
     layers = get_adapter(model).prunable_layers(model)
@@ -432,7 +436,7 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
     if method == "flop":
         if baselines:
             raise ValueError("baselines are built by method='ziplm' runs only")
-        from .flop import flop_prune
+        from ziplm_ext.methods.flop.train import flop_prune
 
         if train_data is None:
             raise ValueError("method='flop' trains: give train_data= (token ids or (ids, mask))")
@@ -453,7 +457,7 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
             raise ValueError("baselines are built in mode='oneshot' only")
     adapter = get_adapter(model)  # unsupported architectures fail here, before any work
     if mode == "gradual":
-        from .distill import check_train_data
+        from ziplm_ext.stages.distill import check_train_data
 
         check_train_data(train_data, model.get_input_embeddings().weight.shape[0])
     model.eval()
@@ -506,8 +510,8 @@ def prune(model: nn.Module, calibration, targets, env: Optional[InferenceEnv] = 
     t0 = time.perf_counter()
     dense_metrics = {}
     if eval_data is not None:
-        from .evaluate import evaluate_model
-        from .latency import in_env
+        from ziplm_ext.eval.evaluate import evaluate_model
+        from ziplm_ext.stages.latency.build import in_env
 
         deployed = in_env(model, env)
         dense_metrics = evaluate_model(deployed, deployed, eval_data)
@@ -548,7 +552,7 @@ def _solve_targets(base: nn.Module, dense: nn.Module, db: ObsDatabase, problem: 
             results.append(PrunedResult(t, m, lv, problem.table.predict_speedup(lv), None, cal, num_parameters(m)))
         _add_stage(stages, "build", t0)
         return results
-    from .latency import calibrate_table, measure_speedups
+    from ziplm_ext.stages.latency.build import calibrate_table, measure_speedups
 
     # Every candidate is measured end to end; the table is re-fitted to all measurements so far and
     # targets that were missed (or overshot, which wastes accuracy) are re-solved.
@@ -611,8 +615,8 @@ def _gradual(dense: nn.Module, ids: torch.Tensor, targets: Sequence[float], tabl
     ``workdir/gradual/target_<s>x/`` (the pruned, fine-tuned model plus ``state.json``), each
     written atomically; a re-run with the same workdir, data and seed loads the finished targets
     and continues after the last one."""
-    from .distill import DistillConfig, finetune
-    from .export import load_pruned, save_pruned
+    from ziplm_ext.stages.distill import DistillConfig, finetune
+    from ziplm_ext.io.export import load_pruned, save_pruned
 
     adapter = get_adapter(dense)
     grid = {l.name: sorted(set(levels_fn(l)) | {0, l.num_structures}) for l in adapter.prunable_layers(dense)}
@@ -687,7 +691,7 @@ def _baselines(model, db, problem: _Problem, loss: StitchedLoss, targets, kinds,
     out: dict[str, list] = {}
     if not kinds:
         return out
-    from .latency import measure_speedups
+    from ziplm_ext.stages.latency.build import measure_speedups
 
     built = []
     for t in targets:
