@@ -18,7 +18,8 @@ import ziplm_ext
 from ziplm_ext.cli import commands as cli
 from ziplm_ext.eval import data as D
 from ziplm_ext.io import models as M
-from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable
+from ziplm_ext.env import InferenceEnv
+from ziplm_ext.stages.latency.table import LatencyTable
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 64

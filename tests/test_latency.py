@@ -9,7 +9,8 @@ import torch
 from ziplm_ext.adapters import get_adapter
 from ziplm_ext.adapters.base import cache_kwargs, output_cache
 from ziplm_ext.stages.latency.build import build_latency_table, calibrate_table, default_levels, ffn_levels, in_env, measure_model_time, measure_speedups, model_shapes
-from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable
+from ziplm_ext.env import InferenceEnv
+from ziplm_ext.stages.latency.table import LatencyTable
 
 ENV = InferenceEnv(device="cpu", dtype="float32", batch_size=1, seq_len=32, mode="prefill")
 FAST = dict(reps=5, warmup=1, rounds=1, model_reps=3, progress=False)

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from ziplm_ext.stages.latency.table import FORMAT_VERSION, InferenceEnv, LatencyTable
+from ziplm_ext.env import InferenceEnv
+from ziplm_ext.stages.latency.table import FORMAT_VERSION, LatencyTable
 from ziplm_ext.stages.search.dp import UnreachableTargetError
 
 

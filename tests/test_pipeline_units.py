@@ -25,7 +25,8 @@ from ziplm_ext.adapters import get_adapter
 from ziplm_ext.adapters.base import expand_groups
 from ziplm_ext.stages.calibrate import make_batches
 from ziplm_ext.stages.database import build_database, default_levels
-from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable
+from ziplm_ext.env import InferenceEnv
+from ziplm_ext.stages.latency.table import LatencyTable
 from ziplm_ext.stages.search.dp import UnreachableTargetError, uniform_per_kind_levels
 
 ENV = InferenceEnv(seq_len=16)

@@ -332,7 +332,8 @@ def test_search_module_imports_numpy_only():
             mods.add((node.module or "").split(".")[0] if node.level == 0 else "." + (node.module or ""))
     assert "torch" not in mods
     assert not any(m.startswith(".") for m in mods)
-    assert mods <= {"__future__", "itertools", "math", "dataclasses", "typing", "numpy"}
+    assert mods <= {"__future__", "itertools", "math", "dataclasses", "typing", "numpy", "ziplm_ext"}
+    assert "import torch" not in pathlib.Path(s.__file__).read_text()  # only ziplm_ext.errors from the package
 
 
 def test_uniform_per_kind_fits_tightest_and_beats_single_fraction():

@@ -7,7 +7,8 @@
 """
 __version__ = "0.1.0"
 
-from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable  # noqa: E402
+from ziplm_ext.env import InferenceEnv  # noqa: E402
+from ziplm_ext.stages.latency.table import LatencyTable  # noqa: E402
 
 __all__ = ["InferenceEnv", "LatencyTable", "prune", "load_pruned", "PrunedFamily", "PrunedResult"]
 

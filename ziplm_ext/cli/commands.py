@@ -255,7 +255,7 @@ def validate_device(device: str) -> None:
 
 
 def make_env(args):
-    from ziplm_ext.stages.latency.table import InferenceEnv
+    from ziplm_ext.env import InferenceEnv
 
     validate_device(args.device)
     return InferenceEnv(device=args.device, dtype=args.dtype, batch_size=args.batch_size,

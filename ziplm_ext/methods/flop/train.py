@@ -94,8 +94,8 @@ from torch import nn
 
 from ziplm_ext.adapters import get_adapter
 from ziplm_ext.adapters.base import is_conv1d
-from ziplm_ext.stages.latency.table import InferenceEnv
-from ziplm_ext.stages.search.dp import UnreachableTargetError
+from ziplm_ext.env import InferenceEnv
+from ziplm_ext.errors import UnreachableTargetError
 
 __all__ = [
     "BETA", "GAMMA", "ZETA", "INIT_LOG_ALPHA", "DEFAULT_CURVE_DENSITIES",

@@ -27,7 +27,9 @@ Both modes of :class:`~ziplm_ext.latency_table.InferenceEnv` are supported:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import datetime as _dt
 import math
 import platform
@@ -37,11 +39,15 @@ import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from torch import nn
 
 from ziplm_ext.adapters import get_adapter
 from ziplm_ext.adapters.base import cache_kwargs, output_cache
-from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable
+from ziplm_ext.env import InferenceEnv
+from ziplm_ext.stages.database import default_levels as layer_levels
+from ziplm_ext.stages.latency.table import LatencyTable
 
 __all__ = [
     "ModelShapes",
@@ -643,3 +649,91 @@ def calibrate_table(
         "rel_time_error_after": rel_err(out),
     }
     return out
+
+
+# --------------------------------------------------------------------------------------
+# the table prune searches with
+# --------------------------------------------------------------------------------------
+
+
+def add_module_overheads(table: LatencyTable, model: nn.Module, env: InferenceEnv, rounds: int = 15) -> LatencyTable:
+    """Add each module's fixed cost to the native block timings.
+
+    The slice-timing ops time the block arithmetic only. A real module also pays a cost that does
+    not shrink with its width (framework dispatch, norms, rotary embeddings, residual adds) and
+    that vanishes only when the module is removed. We measure it end to end: the dense model
+    against copies with every attention (resp. FFN) module removed, interleaved; the saved time per
+    module minus its native full-width time is that kind's overhead, added to every kept count > 0.
+    A third copy with every module removed measures the unprunable part (embeddings, head, norms)
+    directly; when noise makes the modules add up to more than the rest of the model, the kept
+    entries are scaled down so that this measured part stays (otherwise the table would claim an
+    almost free model and unreachable targets would pass as reachable).
+    """
+    adapter = get_adapter(model)
+    layers = adapter.prunable_layers(model)
+    kinds = sorted({l.kind for l in layers})
+    variants = []
+    for removed in [(kind,) for kind in kinds] + [tuple(kinds)]:
+        m = copy.deepcopy(model).eval()
+        for l in layers:
+            if l.kind in removed:
+                adapter.slice(m, l, [])
+        variants.append(m)
+    *speedups, s_all = measure_speedups(model, variants, env, rounds=rounds)
+    layer_times = {n: dict(row) for n, row in table.layer_times.items()}
+    overheads = {}
+    for kind, s in zip(kinds, speedups):
+        mine = [l for l in layers if l.kind == kind]
+        real = table.dense_time * (1 - 1 / s) / len(mine)  # measured time of one full module
+        native = float(np.mean([table.layer_time(l.name, l.num_structures) for l in mine]))
+        overheads[kind] = max(0.0, real - native)
+        for l in mine:
+            for k in layer_times[l.name]:
+                if k > 0:
+                    layer_times[l.name][k] += overheads[kind]
+    prunable = sum(layer_times[l.name][l.num_structures] for l in layers)
+    unprunable = min(max(table.dense_time / s_all, 0.001 * table.dense_time), 0.95 * table.dense_time)
+    limit = table.dense_time - unprunable
+    if prunable > limit:  # noise: keep the measured unprunable part, scale the modules down
+        scale = limit / prunable
+        layer_times = {n: {k: t * scale for k, t in row.items()} for n, row in layer_times.items()}
+        prunable = sum(layer_times[l.name][l.num_structures] for l in layers)
+    meta = dict(table.meta, module_overheads=overheads, module_removal_speedups=dict(zip(kinds, speedups)),
+                all_modules_removed_speedup=s_all)
+    return LatencyTable(table.env, table.dense_time, prunable, layer_times, meta)
+
+
+def build_environment_table(model: nn.Module, env: InferenceEnv, *, ffn_multiple: int = 1, reps: int = 30,
+                            rounds: int = 15, progress: bool = True) -> LatencyTable:
+    """The latency table `prune` searches with: native block timings on the level grid (FFN widths
+    rounded to `ffn_multiple`) plus each module kind's measured fixed overhead. ``ziplm latency``
+    writes exactly this, so a saved table can be passed back to ``prune``."""
+    levels_fn = functools.partial(layer_levels, ffn_multiple=ffn_multiple)
+    layers = get_adapter(model).prunable_layers(model)
+    table = build_latency_table(model, env, {l.name: levels_fn(l) for l in layers}, reps=reps, progress=progress)
+    table = add_module_overheads(table, model, env, rounds=rounds)
+    table.meta["ffn_multiple"] = ffn_multiple
+    return table
+
+
+def check_table_for_model(table: LatencyTable, model: nn.Module, env: InferenceEnv) -> None:
+    """A given table must be for this environment and this model's layers at their dense widths."""
+    table.check_env(env)
+    layers = get_adapter(model).prunable_layers(model)
+    missing = [l.name for l in layers if l.name not in table.layer_times]
+    extra = sorted(set(table.layer_times) - {l.name for l in layers})
+    if missing or extra:
+        raise ValueError(f"latency table does not match the model's layers (missing: {', '.join(missing) or '-'}; "
+                         f"unknown: {', '.join(extra) or '-'})")
+    for l in layers:
+        if table.full_count(l.name) != l.num_structures:
+            raise ValueError(f"latency table has {table.full_count(l.name)} structures at full width for {l.name}, "
+                             f"the model {l.num_structures}: it was measured for another model")
+
+
+def table_levels_fn(table: LatencyTable):
+    """The level grid of a given table: the kept counts it has times for."""
+    def levels(layer) -> list[int]:
+        return sorted(table.layer_times[layer.name])
+
+    return levels

@@ -38,64 +38,11 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Mapping
 
+from ziplm_ext.env import InferenceEnv  # noqa: F401  (re-exported: the table's environment)
 from ziplm_ext.io.fileio import atomic_write_bytes
 
 FORMAT_VERSION = 1
 
-_DTYPES = ("float32", "float16", "bfloat16")
-_MODES = ("prefill", "decode")
-
-
-@dataclass(frozen=True)
-class InferenceEnv:
-    """Where and how the pruned model will run.
-
-    ``mode="prefill"``: one forward pass over ``batch_size x seq_len`` tokens.
-    ``mode="decode"``: one new token per sequence per step, attending to a KV cache
-    of ``seq_len`` tokens.
-    """
-
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 1
-    seq_len: int = 128
-    mode: str = "prefill"  # "prefill" or "decode" (decode = one new token per step with a KV cache of seq_len)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.device, str) or not self.device:
-            raise ValueError(f"InferenceEnv.device must be a non-empty string, got {self.device!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"InferenceEnv.dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
-        for name in ("batch_size", "seq_len"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"InferenceEnv.{name} must be an integer >= 1, got {v!r}")
-        if self.mode not in _MODES:
-            raise ValueError(f"InferenceEnv.mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "InferenceEnv":
-        """Strict inverse of :meth:`to_dict`: every field must be present, no unknown keys."""
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in d]
-        if missing:
-            raise ValueError(f"InferenceEnv: missing field(s) {', '.join(missing)}")
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"InferenceEnv: unknown field(s) {', '.join(unknown)}")
-        return cls(**{n: d[n] for n in names})
-
-    @property
-    def torch_dtype(self):
-        import torch  # lazy: keep this module importable without torch
-
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
-
-    def describe(self) -> str:
-        return f"{self.device}/{self.dtype}/{self.mode}/bs{self.batch_size}x{self.seq_len}"
 
 
 @dataclass
@@ -254,7 +201,7 @@ class LatencyTable:
             raise ValueError(f"target must be > 1, got {target_speedup!r}")
         b = self.dense_time / target - self.unprunable_time
         if b <= 0:
-            from ziplm_ext.stages.search.dp import UnreachableTargetError
+            from ziplm_ext.errors import UnreachableTargetError
 
             raise UnreachableTargetError(
                 f"target {target:g}x is unreachable: the unprunable part alone takes {self.unprunable_time:.6g}s "

@@ -14,6 +14,8 @@ arrays (``errors[l]``, ``times[l]``, ``level_counts[l]``), not a structure count
 
 from __future__ import annotations
 
+from ziplm_ext.errors import UnreachableTargetError  # noqa: F401  (raised here; re-exported)
+
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -30,10 +32,6 @@ __all__ = [
     "uniform_allocation",
     "total_time",
 ]
-
-
-class UnreachableTargetError(ValueError):
-    """The budget cannot be met even with every layer at its cheapest level."""
 
 
 def _as_arrays(errors, times):
