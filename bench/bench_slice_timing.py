@@ -2,7 +2,7 @@
 
 Times one attention and one FFN block of BERT-base and SmolLM2-135M (dense and with half the
 heads / FFN columns pruned) with ``torch.ops.ziplm.time_*`` (C++ timed loop) and with
-``ziplm_ext.timing.reference_time_*`` (Python loop), prints a table and writes
+``ziplm_ext.native.timing.reference_time_*`` (Python loop), prints a table and writes
 ``bench/results/slice_timing_<device>.json``.
 
     python bench/bench_slice_timing.py                 # CPU, float32, B=1, T=128
@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Optional
 import torch
 
 import ziplm_ext
+from ziplm_ext.engines.torch_eager import host_name
 from ziplm_ext.native.timing import Timing, reference_time_attention, reference_time_ffn, time_attention, time_ffn
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,19 +64,6 @@ CASES = [
     Case("smollm2-135m", "ffn", 576, m=1536, gated=True),
     Case("smollm2-135m", "ffn", 576, m=768, gated=True),
 ]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return platform.processor() or platform.machine()
 
 
 def make_inputs(case: Case, B: int, T: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -143,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_slice_timing: --device cuda but torch.cuda.is_available() is False")
     dtype = getattr(torch, args.dtype)
-    name = device_name(device)
+    name = host_name(device)
     print(f"device: {name} ({device}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"dtype {args.dtype}, B={args.batch} T={args.seq}, warmup {args.warmup} reps {args.reps} "
           f"in {args.rounds} interleaved rounds")

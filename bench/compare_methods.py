@@ -37,7 +37,11 @@ from ziplm_ext.io import models as M
 from ziplm_ext.stages.distill import DistillConfig, finetune
 from ziplm_ext.eval.evaluate import evaluate_model
 from ziplm_ext.stages.latency.build import measure_speedups
-from ziplm_ext.methods.ziplm_oneshot import build_magnitude_model, is_causal_lm, num_parameters
+from ziplm_ext.adapters import is_causal_lm
+from ziplm_ext.config import (CalibrationConfig, MeasureConfig, PruneConfig, SearchConfig,
+                              TrainConfig)
+from ziplm_ext.results import num_parameters
+from ziplm_ext.stages.slicing import build_magnitude_model
 
 METHODS = ("oneshot", "gradual", "magnitude", "flop")
 LABELS = {"oneshot": "ZipLM one-shot", "gradual": "ZipLM gradual + distillation",
@@ -81,8 +85,10 @@ def main(argv=None) -> int:
         train = D.sentence_batches(train_texts, tok, args.seq_len, args.train_blocks, seed=args.seed + 1)
         ev = D.sentence_batches(eval_texts, tok, args.seq_len, 8 * args.num_eval, seed=args.seed)
     cfg = DistillConfig(lr=args.lr, batch_size=args.train_batch_size, seed=args.seed)
-    common = dict(tokenizer=tok, num_calibration_blocks=args.num_calibration, spdy_evaluations=args.spdy_evaluations,
-                  seed=args.seed, eval_data=ev, measure_rounds=args.measure_rounds, model_name=args.model)
+    common = dict(tokenizer=tok, eval_data=ev, model_name=args.model)
+    base_cfg = PruneConfig(calibration=CalibrationConfig(num_blocks=args.num_calibration),
+                           search=SearchConfig(spdy_evaluations=args.spdy_evaluations),
+                           measure=MeasureConfig(rounds=args.measure_rounds), seed=args.seed)
     targets = sorted(args.targets)
     rows: list[dict] = []      # one per delivered model
     models: list = []          # the delivered models, in `rows` order
@@ -95,45 +101,47 @@ def main(argv=None) -> int:
 
     log(f"{args.model}: one-shot ZipLM {targets}")
     t0 = time.perf_counter()
-    oneshot = ziplm_ext.prune(model, train_texts, targets, env, **common)
+    oneshot = ziplm_ext.prune(model, train_texts, targets, env, base_cfg, **common)
     seconds["oneshot"] = time.perf_counter() - t0
     table = oneshot.latency_table
     if "oneshot" in args.methods:
         for r in oneshot.results:
-            deliver("oneshot", r.target, r.model, extra=dict(levels=r.levels, run_speedup=r.measured_speedup))
+            deliver("oneshot", r.target, r.model, extra=dict(widths=r.widths, run_speedup=r.measured_speedup))
 
     if "gradual" in args.methods:
         log("gradual ZipLM + distillation")
         t0 = time.perf_counter()
-        fam = ziplm_ext.prune(model, train_texts, targets, env, mode="gradual", train_data=train,
-                              steps_per_target=args.steps, distill=cfg, latency_table=table,
-                              workdir=str(out / "work_gradual"), **common)
+        gradual_cfg = dataclasses.replace(base_cfg, mode="gradual", workdir=str(out / "work_gradual"),
+                                          train=TrainConfig(steps_per_target=args.steps, distill=cfg))
+        fam = ziplm_ext.prune(model, train_texts, targets, env, gradual_cfg, train_data=train, latency_table=table,
+                              **common)
         seconds["gradual"] = time.perf_counter() - t0
         for r in fam.results:
-            deliver("gradual", r.target, r.model, r.training, dict(levels=r.levels, run_speedup=r.measured_speedup))
+            deliver("gradual", r.target, r.model, r.training, dict(widths=r.widths, run_speedup=r.measured_speedup))
 
     if "magnitude" in args.methods:
         log("magnitude + distillation")
         t0 = time.perf_counter()
         for i, r in enumerate(oneshot.results):
-            m = build_magnitude_model(model, r.levels)
+            m = build_magnitude_model(model, r.widths)
             st = finetune(m, model, train, (i + 1) * args.steps, dataclasses.replace(cfg, seed=args.seed + 100 + i),
                           desc=f"magnitude {r.target:g}x")
             m.eval()
             deliver("magnitude", r.target, m, dict(steps=st.steps, tokens=st.tokens,
                                                    tokens_per_second=st.tokens_per_second, final=st.final),
-                    dict(levels=r.levels))
+                    dict(widths=r.widths))
         seconds["magnitude"] = time.perf_counter() - t0
 
     if "flop" in args.methods:
-        from ziplm_ext.methods.flop.train import flop_prune
+        from ziplm_ext.methods.flop import FlopConfig, flop_prune
 
         log("FLOP + distillation")
         t0 = time.perf_counter()
         curve = None  # the speedup-to-size curve is measured once and reused for every target
         for i, t in enumerate(targets):
-            fam = flop_prune(model, train, [t], env, steps=(i + 1) * args.steps, distill=cfg, eval_data=None,
-                             seed=args.seed, measure_rounds=args.measure_rounds, model_name=args.model, curve=curve)
+            options = FlopConfig(steps=(i + 1) * args.steps, seed=args.seed, measure_rounds=args.measure_rounds)
+            fam = flop_prune(model, train, [t], env, options, distill=cfg, eval_data=None, model_name=args.model,
+                             curve=curve)
             curve = fam.speedup_curve
             (r,) = fam.results
             deliver("flop", t, r.model, dict(steps=(i + 1) * args.steps, **r.metrics),

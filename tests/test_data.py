@@ -250,6 +250,21 @@ def test_kl_to_teacher():
     assert s.grad is not None and s.grad.abs().sum() > 0
 
 
+def test_kl_terms_is_the_elementwise_kl():
+    torch.manual_seed(3)
+    ref_lp, lp = torch.randn(3, 7, 13).log_softmax(-1), torch.randn(3, 7, 13).log_softmax(-1)
+    terms = X.kl_terms(ref_lp, lp)
+    assert terms.shape == ref_lp.shape
+    # the exact arithmetic the search's calibration loss and the distillation logit term rely on
+    assert torch.equal(terms, ref_lp.exp() * (ref_lp - lp))
+    torch.testing.assert_close(terms, torch.nn.functional.kl_div(lp, ref_lp, log_target=True, reduction="none"))
+    assert torch.all(X.kl_terms(ref_lp, ref_lp) == 0)
+    assert float(terms.sum(-1).min()) >= -1e-6  # KL >= 0 per position
+    torch.testing.assert_close(X.kl_to_teacher(lp, ref_lp), terms.sum(-1).mean())
+    d = torch.float64
+    assert X.kl_terms(ref_lp.to(d), lp.to(d)).dtype == d
+
+
 def test_sentence_embeddings_unit_norm_and_mask_aware():
     m = tiny_bert()
     torch.manual_seed(2)

@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ziplm_ext.stages.calibrate import make_batches
-from ziplm_ext.stages.database import build_database, default_levels
+from ziplm_ext.stages.database import build_database
+from ziplm_ext.stages.levels import layer_grid
 
 
 def tiny_llama(layers=4, seed=0):
@@ -59,4 +60,4 @@ def test_other_calibration_damping_or_grid_invalidates(built):
         build_database(model, batches(), workdir=wd, progress=False, damp=0.02)
     with pytest.raises(ValueError, match="fresh --workdir"):
         build_database(model, batches(), workdir=wd, progress=False,
-                       levels_fn=functools.partial(default_levels, ffn_multiple=16))
+                       grid_fn=functools.partial(layer_grid, ffn_multiple=16))

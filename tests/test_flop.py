@@ -13,12 +13,12 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-from ziplm_ext.methods.flop import train as flop
+from ziplm_ext.methods import flop  # noqa: E402
 from ziplm_ext.stages.latency import build as latency  # noqa: E402
 from ziplm_ext.stages.distill import DistillConfig  # noqa: E402
 from ziplm_ext.io.export import load_pruned, save_pruned  # noqa: E402
-from ziplm_ext.stages.latency.table import InferenceEnv  # noqa: E402
-from ziplm_ext.stages.search.dp import UnreachableTargetError  # noqa: E402
+from ziplm_ext.env import InferenceEnv  # noqa: E402
+from ziplm_ext.errors import UnreachableTargetError  # noqa: E402
 
 VOCAB = 64
 
@@ -133,7 +133,7 @@ def test_factorized_linear_reproduces_linear_and_conv1d():
         assert fl.conv1d == (mod is conv)
         with torch.no_grad():
             assert torch.allclose(fl(x), mod(x), atol=1e-5, rtol=1e-5)
-        folded = flop._export_layer(fl, fl.rank, "deterministic")  # untrained gates are exactly 1
+        folded = flop.export_layer(fl, fl.rank, "deterministic")  # untrained gates are exactly 1
         assert type(folded) is type(mod) and folded.weight.shape == mod.weight.shape
         with torch.no_grad():
             assert torch.allclose(folded(x), mod(x), atol=1e-5, rtol=1e-5)
@@ -211,7 +211,8 @@ def test_training_reaches_the_target_density():
     data = torch.randint(0, VOCAB, (64, 16))
     student = copy.deepcopy(teacher)
     flop.factorize_model(student)
-    stats, ctl = flop.train_flop(student, teacher, data, 0.5, 100, DistillConfig(lr=1e-3), progress=False)
+    stats, ctl = flop.train_flop(student, teacher, data, 0.5, flop.FlopConfig(steps=100, progress=False),
+                                 DistillConfig(lr=1e-3))
     assert {"lagrangian", "density", "lambda1", "distill"} <= set(stats.history[-1])
     exported = flop.export_flop_model(student)
     assert abs(flop.hard_sparsity(exported) - 0.5) < 0.02
@@ -236,7 +237,7 @@ def test_export_rule_keeps_top_gates_with_their_means():
         fl.gate.log_alpha.copy_(torch.linspace(-8, 4, 16)[torch.randperm(16)])
         k = round(float(fl.gate.expected_open()))
     assert 0 < k * (16 + 24) < 16 * 24
-    out = flop._export_layer(fl, k)
+    out = flop.export_layer(fl, k)
     assert isinstance(out, flop.LowRankLinear) and out.rank == k
     idx = torch.topk(fl.gate.log_alpha, k).indices
     x = torch.randn(4, 16)
@@ -244,9 +245,9 @@ def test_export_rule_keeps_top_gates_with_their_means():
         h = nn.functional.linear(x, fl.Q[idx]) * fl.gate.mean()[idx].float()
         ref = nn.functional.linear(h, fl.P[:, idx], fl.bias)
         assert torch.allclose(out(x), ref, atol=1e-5)
-    dense = flop._export_layer(fl, 12)  # 12 * (16 + 24) >= 16 * 24: stored dense
+    dense = flop.export_layer(fl, 12)  # 12 * (16 + 24) >= 16 * 24: stored dense
     assert isinstance(dense, nn.Linear) and dense.weight.shape == (24, 16) and dense.flop_folded
-    empty = flop._export_layer(fl, 0)
+    empty = flop.export_layer(fl, 0)
     assert empty.rank == 0 and torch.equal(empty(x), fl.bias.detach().expand(4, 24))
 
 
@@ -329,8 +330,8 @@ def test_flop_prune_end_to_end(tmp_path, monkeypatch):
     data = torch.randint(0, VOCAB, (32, 16))
     eval_ids = torch.randint(0, VOCAB, (4, 16))
     env = InferenceEnv(batch_size=1, seq_len=16)
-    family = flop.flop_prune(model, data, [1.5], env, steps=40, distill=DistillConfig(lr=1e-3), eval_data=eval_ids,
-                             progress=False, measure_rounds=1)
+    family = flop.flop_prune(model, data, [1.5], env, flop.FlopConfig(steps=40, progress=False, measure_rounds=1),
+                             distill=DistillConfig(lr=1e-3), eval_data=eval_ids)
     assert calls == [len(flop.DEFAULT_CURVE_DENSITIES), 1, 1]  # curve, family, one shrink round
     assert len(family) == 1 and family.latency_table is None and family.baselines == {}
     r = family[0]
@@ -357,15 +358,15 @@ def test_flop_prune_unreachable_and_bad_input(monkeypatch):
     data = torch.randint(0, VOCAB, (8, 16))
     monkeypatch.setattr(latency, "measure_speedups", lambda dense, models, env, rounds=15, **kw: [0.9] * len(models))
     with pytest.raises(UnreachableTargetError, match="unreachable"):
-        flop.flop_prune(model, data, [1.5], steps=1, progress=False, measure_rounds=1)
+        flop.flop_prune(model, data, [1.5], config=flop.FlopConfig(steps=1, progress=False, measure_rounds=1))
     with pytest.raises(ValueError, match="> 1"):
-        flop.flop_prune(model, data, [1.0], steps=1)
+        flop.flop_prune(model, data, [1.0], config=flop.FlopConfig(steps=1))
     with pytest.raises(ValueError, match="empty"):
-        flop.flop_prune(model, torch.zeros(0, 16, dtype=torch.long), [1.5], steps=1)
+        flop.flop_prune(model, torch.zeros(0, 16, dtype=torch.long), [1.5], config=flop.FlopConfig(steps=1))
     with pytest.raises(ValueError, match="steps"):
-        flop.flop_prune(model, data, [1.5], steps=0)
+        flop.flop_prune(model, data, [1.5], config=flop.FlopConfig(steps=0))
     with pytest.raises(ValueError, match="unsupported"):
-        flop.flop_prune(nn.Linear(4, 4), data, [1.5], steps=1)
+        flop.flop_prune(nn.Linear(4, 4), data, [1.5], config=flop.FlopConfig(steps=1))
 
 
 def test_flop_prune_encoder_with_attention_mask(tmp_path, monkeypatch):
@@ -377,9 +378,9 @@ def test_flop_prune_encoder_with_attention_mask(tmp_path, monkeypatch):
     mask = torch.ones_like(ids)
     mask[:, 9:] = 0
     curve = flop.SpeedupCurve([0.2, 0.5, 0.8], [1 / (0.2 + 0.8 * d) for d in (0.2, 0.5, 0.8)])
-    family = flop.flop_prune(model, (ids, mask), [1.3], InferenceEnv(batch_size=1, seq_len=12), steps=10,
-                             distill=DistillConfig(lr=1e-3), eval_data=(ids[:4], mask[:4]), progress=False,
-                             measure_rounds=1, curve=curve)
+    family = flop.flop_prune(model, (ids, mask), [1.3], InferenceEnv(batch_size=1, seq_len=12),
+                             flop.FlopConfig(steps=10, progress=False, measure_rounds=1),
+                             distill=DistillConfig(lr=1e-3), eval_data=(ids[:4], mask[:4]), curve=curve)
     assert family.speedup_curve is curve
     r = family[0]
     assert r.measured_speedup >= 0.97 * 1.3 and "embedding_cosine" in r.metrics
@@ -390,8 +391,8 @@ def test_flop_prune_encoder_with_attention_mask(tmp_path, monkeypatch):
 def test_shrunk_ranks_scale_exported_sizes():
     layers = flop.factorize_model(make_model("llama"))
     full = {p: l.rank for p, l in layers.items()}  # every layer stored dense at full rank
-    half = flop._shrunk_ranks(layers, full, 0.5)
+    half = flop.shrunk_ranks(layers, full, 0.5)
     for p, l in layers.items():
         assert half[p] == (l.dense_params // 2) // (l.in_features + l.out_features)
-    again = flop._shrunk_ranks(layers, half, 0.5)
+    again = flop.shrunk_ranks(layers, half, 0.5)
     assert all(again[p] == max(0, min(half[p] // 2, half[p] - 1)) for p in layers)

@@ -104,7 +104,7 @@ def test_levels_speedups_losses_match_golden(family):
     assert [r.target for r in fam.results] == [r["target"] for r in case["results"]]
     for r, e in zip(fam.results, case["results"]):
         t = e["target"]
-        assert dict(r.levels) == e["levels"], f"{family} {t:g}x: levels {dict(r.levels)} != golden {e['levels']}"
+        assert dict(r.widths) == e["levels"], f"{family} {t:g}x: widths {dict(r.widths)} != golden {e['levels']}"
         assert _close(r.predicted_speedup, e["predicted_speedup"]), \
             f"{family} {t:g}x: predicted speedup {r.predicted_speedup!r} != golden {e['predicted_speedup']!r}"
         assert _close(r.calibration_loss, e["calibration_loss"]), \
@@ -117,7 +117,7 @@ def test_levels_speedups_losses_match_golden(family):
         assert [row["target"] for row in got] == [row["target"] for row in rows], f"{family} {kind} targets"
         for g, e in zip(got, rows):
             t = e["target"]
-            assert dict(g["levels"]) == e["levels"], f"{family} {kind} {t:g}x: levels {dict(g['levels'])} != golden"
+            assert dict(g["widths"]) == e["levels"], f"{family} {kind} {t:g}x: widths {dict(g['widths'])} != golden"
             assert _close(g["predicted_speedup"], e["predicted_speedup"]), f"{family} {kind} {t:g}x: speedup"
             assert _close(g["calibration_loss"], e["calibration_loss"]), f"{family} {kind} {t:g}x: calibration loss"
             assert g["num_parameters"] == e["num_parameters"]
@@ -140,3 +140,17 @@ def test_save_load_pruned_bit_identical(family, tmp_path):
         loaded = ziplm_ext.load_pruned(out / f"target_{e['target']:g}x")
         diff = _param_diff(e["params"], G.param_record(loaded))
         assert not diff, f"{family} {e['target']:g}x after save/load_pruned:\n" + "\n".join(diff)
+
+
+def test_config_form_equals_keyword_form():
+    """``prune(config=PruneConfig(...))`` is the same run as the deprecated keyword form the golden
+    file was made with: same widths, losses and bit-identical weights."""
+    family = "llama"
+    model = G.build_model(family)
+    config = ziplm_ext.PruneConfig(baselines=G.BASELINES, seed=0, progress=False,
+                                   search=ziplm_ext.SearchConfig(spdy_evaluations=G.SPDY_EVALUATIONS),
+                                   measure=ziplm_ext.MeasureConfig(measure=False))
+    with G.one_thread():
+        fam = ziplm_ext.prune(model, G.calibration_ids(family), list(G.TARGETS), G.env(), config,
+                              latency_table=G.synthetic_table(family))
+    assert G.record(family, fam, model) == GOLDEN["cases"][family]

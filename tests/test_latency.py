@@ -1,4 +1,4 @@
-"""Tests of ziplm_ext.latency: building, measuring and calibrating latency tables (small, fast)."""
+"""Tests of ziplm_ext.stages.latency: building, measuring and calibrating latency tables (small, fast)."""
 
 import math
 import warnings
@@ -6,11 +6,14 @@ import warnings
 import pytest
 import torch
 
-from ziplm_ext.adapters import get_adapter
+from ziplm_ext.adapters import get_adapter, model_shapes
 from ziplm_ext.adapters.base import cache_kwargs, output_cache
-from ziplm_ext.stages.latency.build import build_latency_table, calibrate_table, default_levels, ffn_levels, in_env, measure_model_time, measure_speedups, model_shapes
+from ziplm_ext.engines import in_env
 from ziplm_ext.env import InferenceEnv
+from ziplm_ext.stages.latency.build import build_latency_table, measure_model_time, measure_speedups
+from ziplm_ext.stages.latency.correct import calibrate_table
 from ziplm_ext.stages.latency.table import LatencyTable
+from ziplm_ext.stages.levels import ffn_grid as ffn_levels, model_grid as default_levels
 
 ENV = InferenceEnv(device="cpu", dtype="float32", batch_size=1, seq_len=32, mode="prefill")
 FAST = dict(reps=5, warmup=1, rounds=1, model_reps=3, progress=False)
@@ -276,3 +279,94 @@ def test_calibrate_clamps_and_rejects():
         calibrate_table(t, [])
     with pytest.raises(ValueError):
         calibrate_table(t, [({}, 1.0)])
+
+
+# ------------------------------------------------------------------------- shapes, grids, engines
+
+
+def _hf(cls_name, **extra):
+    import transformers
+
+    cls = getattr(transformers, cls_name)
+    if cls_name.startswith("Bert"):
+        cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=24, **extra)
+    elif cls_name.startswith("GPT2"):
+        cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=0,
+                                      eos_token_id=0, **extra)
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, **extra)
+    return cls(cfg)
+
+
+@pytest.mark.parametrize("cls_name,extra,causal_lm,lm_head", [
+    ("BertModel", {}, False, False),
+    ("BertForMaskedLM", {}, False, True),
+    ("BertForSequenceClassification", {}, False, False),
+    ("BertLMHeadModel", {"is_decoder": True}, True, True),
+    ("BertModel", {"is_decoder": True}, False, False),
+    ("GPT2Model", {}, False, False),
+    ("GPT2LMHeadModel", {}, True, True),
+    ("LlamaModel", {}, False, False),
+    ("LlamaForCausalLM", {}, True, True),
+])
+def test_is_causal_lm_one_rule_for_models_and_saved_configs(cls_name, extra, causal_lm, lm_head):
+    from ziplm_ext.adapters import has_lm_head, is_causal_lm
+
+    m = _hf(cls_name, **extra)
+    assert is_causal_lm(m) is causal_lm
+    assert has_lm_head(m) is lm_head  # masked LMs have token logits but are no causal LMs
+    m.config.architectures = [cls_name]  # as save_pretrained writes it
+    assert is_causal_lm(m.config) is causal_lm
+    # causal attention is a property of the blocks, not of the head
+    assert model_shapes(m.config).causal is (not cls_name.startswith("Bert") or bool(extra.get("is_decoder")))
+
+
+def test_config_without_architectures_falls_back_on_the_model_type():
+    import transformers
+
+    from ziplm_ext.adapters import is_causal_lm
+
+    assert is_causal_lm(transformers.LlamaConfig(vocab_size=8, hidden_size=8, num_attention_heads=2))
+    assert not is_causal_lm(transformers.BertConfig(vocab_size=8, hidden_size=8, num_attention_heads=2))
+
+
+def test_layer_grid_is_the_one_grid():
+    import dataclasses
+
+    from ziplm_ext.stages import database
+    from ziplm_ext.stages.levels import layer_grid
+
+    m = tiny_llama()
+    layers = get_adapter(m).prunable_layers(m)
+    attn = next(l for l in layers if l.kind == "attn")
+    ffn = next(l for l in layers if l.kind == "ffn")
+    assert layer_grid(attn) == [0, 1, 2]
+    assert layer_grid(ffn) == ffn_levels(128)
+    assert layer_grid(ffn, ffn_multiple=16) == ffn_levels(128, multiple=16)
+    assert layer_grid(ffn, ffn_ratio=0.5, ffn_min_frac=0.1) == ffn_levels(128, ratio=0.5, min_frac=0.1)
+    assert default_levels(m) == {l.name: layer_grid(l) for l in layers}
+    assert default_levels(m, ffn_multiple=16)[ffn.name] == layer_grid(ffn, ffn_multiple=16)
+    assert layer_grid(dataclasses.replace(attn, num_structures=5)) == list(range(6))
+    assert database.build_database.__kwdefaults__["grid_fn"] is layer_grid  # the database uses the same grid
+
+
+def test_get_engine_is_torch_eager_and_times_blocks():
+    from ziplm_ext.engines import Engine, TorchEagerEngine, get_engine
+    from ziplm_ext.engines.base import BlockTimer
+
+    engine = get_engine(ENV)
+    assert isinstance(engine, TorchEagerEngine) and isinstance(engine, Engine) and engine.name == "torch"
+    timer = engine.block_timer(model_shapes(tiny_llama().config), ENV, "python")
+    assert isinstance(timer, BlockTimer) and timer.timer == "python"
+    times = timer.time_block("ffn", 64, 0, 3)
+    assert len(times) == 3 and all(float(t) > 0 for t in times)
+    with pytest.raises(ValueError, match="timer must be"):
+        engine.block_timer(model_shapes(tiny_llama().config), ENV, "fast")
+
+    class Elsewhere:
+        engine = "no-such-runtime"
+
+    with pytest.raises(ValueError, match="unknown inference engine"):
+        get_engine(Elsewhere())

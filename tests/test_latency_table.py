@@ -4,8 +4,8 @@ import os
 import pytest
 
 from ziplm_ext.env import InferenceEnv
+from ziplm_ext.errors import UnreachableTargetError
 from ziplm_ext.stages.latency.table import FORMAT_VERSION, LatencyTable
-from ziplm_ext.stages.search.dp import UnreachableTargetError
 
 
 def make_table(env=None):

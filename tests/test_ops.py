@@ -7,6 +7,7 @@ the float32 oracle itself makes against the float64 oracle (the flash-attention 
 import pytest
 import torch
 
+from ziplm_ext import native
 from ziplm_ext.native import ops
 from ziplm_ext.native import reference as ref
 
@@ -14,7 +15,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _device(dev):
-    if dev == "cuda" and not ops.cuda_kernels_built():
+    if dev == "cuda" and not native.cuda_kernels_built():
         pytest.skip("CUDA kernels were not built into this install")
     return torch.device(dev)
 
@@ -29,7 +30,7 @@ def _problem(r, c, tokens, dtype=torch.float64, seed=0, device="cpu"):
 
 
 def test_native_extension_is_built():
-    assert ops.native_available(), "the CPU extension must always be built"
+    assert native.native_available(), "the CPU extension must always be built"
 
 
 # ---------------------------------------------------------------- hessian_accumulate

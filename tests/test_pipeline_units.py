@@ -1,11 +1,11 @@
 """Unit tests of pipeline pieces with the end-to-end timing mocked out.
 
-* ``_solve_targets``: the one-shot measure -> re-fit -> re-solve loop (a delivered model must
+* ``solve_targets``: the one-shot measure -> re-fit -> re-solve loop (a delivered model must
   measure at least MIN_SPEEDUP_FRACTION of its target; overshoots are re-solved because they
   waste accuracy; ZipLM paper: the search is driven by the latency table, and the candidates are
   validated by end-to-end timing in the inference environment).
 * ``add_module_overheads``: the per-module fixed cost measured by removing every module of a kind.
-* ``_baselines``: the uniform (one width fraction per kind, OBS updates) and magnitude (same
+* ``build_baselines``: the uniform (one width fraction per kind, OBS updates) and magnitude (same
   widths, L2-norm selection, no update) baselines the paper compares ZipLM against.
 * ``build_magnitude_model``: the structure = head / KV group / neuron of the paper, scored by
   the L2 norm of its out-projection columns.
@@ -19,18 +19,26 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import ziplm_ext.stages.latency.build as LAT
 import ziplm_ext.methods.ziplm_oneshot as P
+import ziplm_ext.stages.latency.build as LAT
+import ziplm_ext.stages.search.problem as SP
 from ziplm_ext.adapters import get_adapter
 from ziplm_ext.adapters.base import expand_groups
 from ziplm_ext.stages.calibrate import make_batches
-from ziplm_ext.stages.database import build_database, default_levels
+from ziplm_ext.stages.database import build_database
 from ziplm_ext.env import InferenceEnv
 from ziplm_ext.stages.latency.table import LatencyTable
-from ziplm_ext.stages.search.dp import UnreachableTargetError, uniform_per_kind_levels
+from ziplm_ext.config import CalibrationConfig, MeasureConfig, PruneConfig, SearchConfig
+from ziplm_ext.errors import UnreachableTargetError
+from ziplm_ext.results import MAX_OVERSHOOT, MIN_SPEEDUP_FRACTION, num_parameters
+from ziplm_ext.stages.levels import layer_grid
+from ziplm_ext.stages.search.objective import StitchedLoss
+from ziplm_ext.stages.search.problem import SearchProblem
+from ziplm_ext.stages.search.uniform import uniform_per_kind_levels
+from ziplm_ext.stages.slicing import build_magnitude_model, build_pruned_model
 
 ENV = InferenceEnv(seq_len=16)
-REAL_SEARCH = P.search_target
+REAL_SEARCH = SP.search_target  # the solve loop looks it up in P (tests replace it there)
 
 
 def tiny_llama(seed=0):
@@ -51,7 +59,7 @@ def synthetic_table(model, scale=1.0, dense_factor=2.0, attn_full=0.1, ffn_full=
     for l in get_adapter(model).prunable_layers(model):
         full = attn_full if l.kind == "attn" else ffn_full
         rows[l.name] = {c: scale * full * c / l.num_structures
-                        for c in set(default_levels(l)) | {0, l.num_structures}}
+                        for c in set(layer_grid(l)) | {0, l.num_structures}}
     unscaled = sum(attn_full if n.endswith("attn") else ffn_full for n in rows)
     return LatencyTable(env=ENV, dense_time=dense_factor * unscaled,
                         prunable_time=sum(max(r.values()) for r in rows.values()), layer_times=rows)
@@ -76,13 +84,15 @@ def setup():
     model = tiny_llama()
     ids = calib()
     db = build_database(model, make_batches(ids, None, 4), progress=False)
-    loss = P.StitchedLoss(model, db, ids[:2], batch_size=2)
+    loss = StitchedLoss(model, db, ids[:2], batch_size=2)
     return model, db, loss
 
 
-def opts(max_corrections=2, measure=True):
-    return dict(env=ENV, seed=0, progress=False, spdy_evaluations=6, damp=0.01, measure_rounds=1,
-                max_corrections=max_corrections, measure=measure, loss_blocks=2)
+def make_run(table, max_corrections=2, measure=True, rounds=1, baselines=()):
+    config = PruneConfig(seed=0, progress=False, baselines=baselines, search=SearchConfig(spdy_evaluations=6),
+                         measure=MeasureConfig(measure=measure, rounds=rounds, max_corrections=max_corrections),
+                         calibration=CalibrationConfig(damp=0.01, loss_blocks=2))
+    return P.ZipLMRun(ENV, config, calib(), table, layer_grid)
 
 
 class FakeTiming:
@@ -126,14 +136,14 @@ def solve(setup, monkeypatch, speed, targets=(1.2,), max_corrections=2):
     model, db, loss = setup
     fake = FakeTiming(speed)
     monkeypatch.setattr(LAT, "measure_speedups", fake)
-    problem = P._Problem(db, synthetic_table(model))
-    stages = {}
-    results = P._solve_targets(model, model, db, problem, loss, list(targets), stages, opts(max_corrections))
-    assert "search" in stages and "measure" in stages
+    problem = SearchProblem(db, synthetic_table(model))
+    run = make_run(problem.table, max_corrections)
+    results = P.solve_targets(model, model, db, problem, loss, list(targets), run)
+    assert "search" in run.stages and "measure" in run.stages
     return results, fake, problem
 
 
-# ----------------------------------------------------------------------------- _solve_targets
+# ----------------------------------------------------------------------------- solve_targets
 
 
 def test_first_round_hit_is_not_resolved(setup, monkeypatch, spy_calibrate):
@@ -142,12 +152,12 @@ def test_first_round_hit_is_not_resolved(setup, monkeypatch, spy_calibrate):
     assert len(fake.calls) == 1 and len(fake.calls[0]["models"]) == 1 and fake.calls[0]["rounds"] == 1
     assert spy_calibrate == []  # nothing to correct
     assert problem.table.meta.get("calibration") is None
-    assert res.levels == fake.calls[0]["shapes"][0]
-    assert P.MIN_SPEEDUP_FRACTION * 1.2 <= res.measured_speedup <= P.MAX_OVERSHOOT * 1.2
+    assert res.widths == fake.calls[0]["shapes"][0]
+    assert MIN_SPEEDUP_FRACTION * 1.2 <= res.measured_speedup <= MAX_OVERSHOOT * 1.2
     assert res.measured_speedup == pytest.approx(res.predicted_speedup)
     assert res.model is fake.calls[0]["models"][0]  # the measured model is the delivered one
-    assert same_weights(res.model, P.build_pruned_model(model, db, res.levels))
-    assert res.num_parameters == P.num_parameters(res.model)
+    assert same_weights(res.model, build_pruned_model(model, db, res.widths))
+    assert res.num_parameters == num_parameters(res.model)
 
 
 def test_miss_refits_table_and_delivers_resolved_model(setup, monkeypatch, spy_calibrate):
@@ -157,20 +167,20 @@ def test_miss_refits_table_and_delivers_resolved_model(setup, monkeypatch, spy_c
     assert len(fake.calls) == 2, "one re-solve after the miss, then the target is met"
     first, second = fake.calls[0]["shapes"][0], fake.calls[1]["shapes"][0]
     first_speed = truth(model, 0.7)(0, 0, first)
-    assert first_speed < P.MIN_SPEEDUP_FRACTION * 1.2
+    assert first_speed < MIN_SPEEDUP_FRACTION * 1.2
     # the table was re-fitted on the measurement of the missed model
     assert len(spy_calibrate) == 1 and spy_calibrate[0] == [(first, pytest.approx(first_speed))]
     assert problem.table.meta["calibration"]["scale"] == pytest.approx(0.7)
     assert problem.table.layer_times != synthetic_table(model).layer_times
     # the re-solved model prunes more and is the one delivered
     assert second != first and sum(second.values()) < sum(first.values())
-    assert res.levels == second and res.model is fake.calls[1]["models"][0]
+    assert res.widths == second and res.model is fake.calls[1]["models"][0]
     assert get_adapter(res.model).shapes(res.model) == second
     assert res.measured_speedup == pytest.approx(truth(model, 0.7)(0, 0, second))
-    assert res.measured_speedup >= P.MIN_SPEEDUP_FRACTION * 1.2
+    assert res.measured_speedup >= MIN_SPEEDUP_FRACTION * 1.2
     assert res.predicted_speedup == pytest.approx(problem.table.predict_speedup(second))
     assert res.calibration_loss == pytest.approx(loss(second))
-    assert same_weights(res.model, P.build_pruned_model(model, db, second))
+    assert same_weights(res.model, build_pruned_model(model, db, second))
 
 
 def test_overshoot_is_resolved_and_lower_loss_candidate_taken(setup, monkeypatch, spy_calibrate):
@@ -179,11 +189,11 @@ def test_overshoot_is_resolved_and_lower_loss_candidate_taken(setup, monkeypatch
     (res,), fake, problem = solve(setup, monkeypatch, truth(model, 1.6))
     assert len(fake.calls) == 2 and len(spy_calibrate) == 1
     first, second = fake.calls[0]["shapes"][0], fake.calls[1]["shapes"][0]
-    assert truth(model, 1.6)(0, 0, first) > P.MAX_OVERSHOOT * 1.2
+    assert truth(model, 1.6)(0, 0, first) > MAX_OVERSHOOT * 1.2
     assert sum(second.values()) > sum(first.values()), "the re-solved model prunes less"
     assert loss(second) < loss(first)
-    assert res.levels == second and res.model is fake.calls[1]["models"][0]
-    assert 1.2 * P.MIN_SPEEDUP_FRACTION <= res.measured_speedup <= 1.2 * P.MAX_OVERSHOOT
+    assert res.widths == second and res.model is fake.calls[1]["models"][0]
+    assert 1.2 * MIN_SPEEDUP_FRACTION <= res.measured_speedup <= 1.2 * MAX_OVERSHOOT
     assert res.calibration_loss == pytest.approx(loss(second))
 
 
@@ -210,7 +220,7 @@ def test_overshooting_candidate_kept_when_later_ones_are_worse(setup, monkeypatc
     (res,), fake, problem = solve(setup, monkeypatch, lambda call, i, s: speeds[call], max_corrections=2)
     assert len(fake.calls) == 3 and len(spy_calibrate) == 2
     assert res.model is fake.calls[1]["models"][0]
-    assert res.levels == fake.calls[1]["shapes"][0]
+    assert res.widths == fake.calls[1]["shapes"][0]
     assert res.measured_speedup == 1.4 and res.calibration_loss == 0.3
     # the re-fits use every measurement so far
     assert [s for _, s in spy_calibrate[1]] == [1.5, 1.4]
@@ -267,7 +277,7 @@ def overhead_table(model, dense_time):
     rows = {}
     for l in get_adapter(model).prunable_layers(model):
         full = (0.08 if l.block == 0 else 0.12) if l.kind == "attn" else 0.15
-        rows[l.name] = {c: full * c / l.num_structures for c in set(default_levels(l)) | {0, l.num_structures}}
+        rows[l.name] = {c: full * c / l.num_structures for c in set(layer_grid(l)) | {0, l.num_structures}}
     return LatencyTable(ENV, dense_time, sum(max(r.values()) for r in rows.values()), rows, meta={"model": "x"})
 
 
@@ -284,7 +294,7 @@ def test_module_overheads_follow_the_formula(monkeypatch):
     s_attn = 1 / (1 - 0.13 * L / 2.0)   # one full attention module really costs 0.13 s
     s_ffn = 0.98                         # removing the FFNs "slowed the model down" (noise)
     fake = mock_removal(monkeypatch, [s_attn, s_ffn, 2.0])
-    out = P.add_module_overheads(table, model, ENV, rounds=7)
+    out = LAT.add_module_overheads(table, model, ENV, rounds=7)
     # the variants: every attention removed / every FFN removed, nothing else touched
     (call,) = fake.calls
     assert call["rounds"] == 7
@@ -313,7 +323,7 @@ def test_module_overheads_of_both_kinds(monkeypatch):
     table = overhead_table(model, dense_time=2.0)
     s_attn, s_ffn = 1 / (1 - 0.12), 1 / (1 - 0.2)  # real full modules: 0.12 s and 0.2 s
     mock_removal(monkeypatch, [s_attn, s_ffn, 2.0])
-    out = P.add_module_overheads(table, model, ENV)
+    out = LAT.add_module_overheads(table, model, ENV)
     assert out.meta["module_overheads"] == {"attn": pytest.approx(0.02), "ffn": pytest.approx(0.05)}
     assert out.layer_times["blocks.1.ffn"][1] == pytest.approx(0.15 / 96 + 0.05)
     assert out.layer_times["blocks.0.attn"][0] == 0.0 and out.layer_times["blocks.1.ffn"][0] == 0.0
@@ -326,7 +336,7 @@ def test_module_overheads_scaled_down_when_noise_exceeds_dense(monkeypatch, s_al
     table = overhead_table(model, dense_time=1.0)  # prunable 0.5 of 1.0
     s_attn = 1 / (1 - 0.4 * 2 / 1.0)               # "a full attention module costs 0.4 s": impossible
     mock_removal(monkeypatch, [s_attn, 1.0, s_all])
-    out = P.add_module_overheads(table, model, ENV)
+    out = LAT.add_module_overheads(table, model, ENV)
     oh = 0.4 - 0.1
     assert out.meta["module_overheads"]["attn"] == pytest.approx(oh)
     # unscaled the prunable modules would take 1.1 s: every entry is scaled by one common factor
@@ -346,7 +356,7 @@ def test_module_overheads_scaled_down_when_noise_exceeds_dense(monkeypatch, s_al
     assert 1 < out.max_speedup() <= 1 / unprunable + 1e-9
 
 
-# ----------------------------------------------------------------------------- _baselines
+# ----------------------------------------------------------------------------- build_baselines
 
 
 def _grid_step_up(counts, level):
@@ -357,17 +367,18 @@ def _grid_step_up(counts, level):
 def test_uniform_and_magnitude_baselines(setup, monkeypatch):
     model, db, loss = setup
     monkeypatch.setattr(LAT, "measure_speedups", lambda *a, **kw: pytest.fail("measure=False must not time"))
-    problem = P._Problem(db, synthetic_table(model))
+    problem = SearchProblem(db, synthetic_table(model))
     targets = [1.2, 1.5, 3.0]  # 3.0 > table maximum 2.0
-    out = P._baselines(model, db, problem, loss, targets, ("uniform", "magnitude"), ENV, 1, measure=False)
+    out = P.build_baselines(model, db, problem, loss, targets,
+                            make_run(problem.table, measure=False, baselines=("uniform", "magnitude")))
     assert set(out) == {"uniform", "magnitude"}
     for kind in out:
         assert [r["target"] for r in out[kind]] == [1.2, 1.5]  # the unreachable target is skipped
     names = problem.names
     for uni, mag in zip(out["uniform"], out["magnitude"]):
-        t, levels = uni["target"], uni["levels"]
+        t, levels = uni["target"], uni["widths"]
         budget = problem.budget(t)
-        want = problem.to_levels(uniform_per_kind_levels(problem.counts, problem.times, budget, problem.kinds))
+        want = problem.to_widths(uniform_per_kind_levels(problem.grids, problem.times, budget, problem.kinds))
         assert levels == want
         # one width per kind (all layers of a kind share the grid here)
         for k in ("attn", "ffn"):
@@ -381,32 +392,33 @@ def test_uniform_and_magnitude_baselines(setup, monkeypatch):
             up = dict(levels)
             for n in names:
                 if n.endswith(k):
-                    nxt = _grid_step_up(db[n].levels, levels[n])
+                    nxt = _grid_step_up(db[n].grid, levels[n])
                     if nxt is not None:
                         up[n] = nxt
             if up != levels:
                 assert sum(problem.table.layer_time(n, c) for n, c in up.items()) > budget
         assert levels != {n: db[n].layer.num_structures for n in names}
         # uniform: the OBS-updated model of the database at those levels
-        assert same_weights(uni["model"], P.build_pruned_model(model, db, levels))
+        assert same_weights(uni["model"], build_pruned_model(model, db, levels))
         assert uni["calibration_loss"] == pytest.approx(loss(levels))
-        assert uni["num_parameters"] == P.num_parameters(uni["model"])
+        assert uni["num_parameters"] == num_parameters(uni["model"])
         # magnitude: same widths, magnitude selection, no calibration loss
-        assert mag["levels"] == levels and mag["calibration_loss"] is None
+        assert mag["widths"] == levels and mag["calibration_loss"] is None
         assert get_adapter(mag["model"]).shapes(mag["model"]) == levels
-        assert same_weights(mag["model"], P.build_magnitude_model(model, levels))
+        assert same_weights(mag["model"], build_magnitude_model(model, levels))
         assert mag["predicted_speedup"] == uni["predicted_speedup"]
         assert uni["measured_speedup"] is None and mag["measured_speedup"] is None
     assert out["uniform"][1]["predicted_speedup"] > out["uniform"][0]["predicted_speedup"]
-    assert P._baselines(model, db, problem, loss, targets, (), ENV, 1) == {}
+    assert P.build_baselines(model, db, problem, loss, targets, make_run(problem.table)) == {}
 
 
 def test_baselines_measured_in_one_interleaved_call(setup, monkeypatch):
     model, db, loss = setup
-    problem = P._Problem(db, synthetic_table(model))
+    problem = SearchProblem(db, synthetic_table(model))
     fake = FakeTiming(lambda call, i, shapes: 1.0 + i / 10)
     monkeypatch.setattr(LAT, "measure_speedups", fake)
-    out = P._baselines(model, db, problem, loss, [1.2, 1.5], ("magnitude", "uniform"), ENV, 4)
+    out = P.build_baselines(model, db, problem, loss, [1.2, 1.5],
+                            make_run(problem.table, rounds=4, baselines=("magnitude", "uniform")))
     (call,) = fake.calls
     assert call["rounds"] == 4 and len(call["models"]) == 4
     order = [out["magnitude"][0], out["uniform"][0], out["magnitude"][1], out["uniform"][1]]
@@ -431,7 +443,7 @@ def _zeroed_dense(model, drop: dict):
 
 
 def _check_magnitude(model, levels, expected_keep, out_cols, inputs, output):
-    pruned = P.build_magnitude_model(model, levels)
+    pruned = build_magnitude_model(model, levels)
     adapter = get_adapter(model)
     assert adapter.shapes(pruned) == {**adapter.shapes(model), **levels}
     drop = {}

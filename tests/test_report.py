@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("matplotlib")
 
 from ziplm_ext.stages.latency.table import InferenceEnv, LatencyTable  # noqa: E402
-from ziplm_ext.report import REPORT_MD, REPORT_PNG, best_per_target, quality_key, render_markdown, write_report  # noqa: E402
+from ziplm_ext.report import (REPORT_MD, REPORT_PNG, best_per_target, quality_key, render_markdown,  # noqa: E402
+                              summary_table, write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -23,7 +24,7 @@ class FakeResult:
     calibration_loss: float
     num_parameters: int
     metrics: dict = field(default_factory=dict)
-    levels: dict = field(default_factory=dict)
+    widths: dict = field(default_factory=dict)
     model: object = None
 
 
@@ -122,3 +123,36 @@ def test_report_labels_the_family_method_and_handles_no_table(tmp_path):
     assert "| FLOP | 1.50x" in md and "| ZipLM |" not in md
     md_path, png_path = write_report(fam, tmp_path / "r")
     assert png_path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_kept_structures_per_layer_from_widths():
+    fam = make_family()
+    assert "Kept structures" not in render_markdown(fam)  # no widths recorded: no section
+    fam.results[0].widths = {"blocks.0.attn": 2, "blocks.0.ffn": 6}
+    fam.results[1].widths = {"blocks.0.attn": 1, "blocks.0.ffn": 4}
+    md = render_markdown(fam)
+    section = md.split("## Kept structures per layer", 1)[1]
+    assert "| layer | 1.50x | 2.00x |" in section
+    assert "| blocks.0.attn | 2 | 1 |" in section and "| blocks.0.ffn | 6 | 4 |" in section
+
+
+def test_kept_structures_accept_the_old_levels_key():
+    # family.json written before the rename PrunedResult.levels -> widths
+    fam = make_family()
+    fam.results = [dict(target=r.target, predicted_speedup=r.predicted_speedup, measured_speedup=r.measured_speedup,
+                        calibration_loss=r.calibration_loss, num_parameters=r.num_parameters, metrics=r.metrics,
+                        levels={"blocks.0.attn": k, "blocks.0.ffn": 2 * k}) for r, k in zip(fam.results, (2, 1))]
+    section = render_markdown(fam).split("## Kept structures per layer", 1)[1]
+    assert "| blocks.0.attn | 2 | 1 |" in section and "| blocks.0.ffn | 4 | 2 |" in section
+    fam.results[1]["widths"] = fam.results[1].pop("levels")  # the new key, mixed with the old one
+    assert render_markdown(fam).split("## Kept structures per layer", 1)[1] == section
+
+
+def test_summary_table():
+    lines = summary_table(make_family()).splitlines()
+    assert lines[0].split() == ["method", "target", "pred", "measured", "params", "ppl"]
+    assert lines[1].split() == ["dense", "-", "1.00x", "1.00x", "134,515,008", "19.88"]
+    assert [ln.split()[:2] for ln in lines[2:]] == [["ZipLM", "1.50x"], ["uniform", "1.50x"],
+                                                    ["ZipLM", "2.00x"], ["uniform", "2.00x"]]
+    assert lines[2].split()[2:] == ["1.52x", "1.47x", "101,234,567", "23.46"]
+    assert summary_table(make_family(None, measured=False)).splitlines()[0].split()[-1] == "calib_loss"

@@ -4,7 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from ziplm_ext.stages.search.dp import SearchResult, UnreachableTargetError, solve_dp, spdy_search, total_time, uniform_allocation, uniform_levels
+from ziplm_ext.errors import UnreachableTargetError
+from ziplm_ext.stages.search.dp import solve_dp, total_time
+from ziplm_ext.stages.search.spdy import SearchResult, SpdyOptions, spdy_search
+from ziplm_ext.stages.search.uniform import uniform_allocation, uniform_levels
 
 
 def brute_force(errors, times, budget):
@@ -178,12 +181,11 @@ def test_spdy_finds_brute_force_optimum():
     for s in range(5):
         proxy, times, budget, loss = make_synthetic(seed=s)
         _, best_v = brute_loss(times, budget, loss)
-        res = spdy_search(
-            proxy, times, budget, loss, num_random=30, num_mutation_rounds=200, seed=s, init_weights=[np.ones(4)]
-        )
+        res = spdy_search(proxy, times, budget, loss,
+                          SpdyOptions(num_random=30, num_mutation_rounds=200, seed=s, init_weights=[np.ones(4)]))
         assert isinstance(res, SearchResult)
-        assert total_time(times, res.levels) <= budget
-        assert res.loss == pytest.approx(loss(res.levels))
+        assert total_time(times, res.level_index) <= budget
+        assert res.loss == pytest.approx(loss(res.level_index))
         assert res.loss >= best_v - 1e-12
         found += res.loss == pytest.approx(best_v, rel=1e-12, abs=1e-12)
     # The DP can only produce solutions on the weighted-error Pareto front, so the
@@ -206,7 +208,7 @@ def test_spdy_finds_optimum_separable():
 
     budget = 0.4 * sum(float(t.max()) for t in times)
     _, best_v = brute_loss(times, budget, loss)
-    res = spdy_search(proxy, times, budget, loss, num_random=50, num_mutation_rounds=300, seed=1)
+    res = spdy_search(proxy, times, budget, loss, SpdyOptions(num_random=50, num_mutation_rounds=300, seed=1))
     assert res.loss == pytest.approx(best_v, rel=1e-12)
 
 
@@ -218,7 +220,7 @@ def test_spdy_caches_evaluations():
         calls.append(tuple(levels))
         return loss(levels)
 
-    res = spdy_search(proxy, times, budget, evaluate, num_random=40, num_mutation_rounds=150, seed=0)
+    res = spdy_search(proxy, times, budget, evaluate, SpdyOptions(num_random=40, num_mutation_rounds=150, seed=0))
     assert len(calls) == len(set(calls))  # never re-evaluated
     assert res.num_evaluations == len(calls)
     assert len(res.history) == len(calls)
@@ -232,28 +234,31 @@ def test_spdy_never_worse_than_seed():
     proxy, times, budget, loss = make_synthetic(seed=2)
     best, best_v = brute_loss(times, budget, loss)
     # seed the optimum; a tiny search cannot beat it and must return it
-    res = spdy_search(proxy, times, budget, loss, num_random=2, num_mutation_rounds=3, seed=0, seed_solutions=[best])
+    res = spdy_search(proxy, times, budget, loss,
+                      SpdyOptions(num_random=2, num_mutation_rounds=3, seed=0, seed_solutions=[best]))
     assert res.loss == pytest.approx(best_v)
-    assert res.levels == best
+    assert res.level_index == best
     assert res.from_seed or res.loss <= best_v
     # with a uniform seed the result is at most its loss
     counts = [np.arange(len(t)) for t in times]
     uni = uniform_levels(counts, times, budget)
-    res2 = spdy_search(proxy, times, budget, loss, num_random=3, num_mutation_rounds=5, seed=0, seed_solutions=[uni])
+    res2 = spdy_search(proxy, times, budget, loss,
+                       SpdyOptions(num_random=3, num_mutation_rounds=5, seed=0, seed_solutions=[uni]))
     assert res2.loss <= loss(uni)
     # infeasible seed is rejected
     heavy = [len(t) - 1 for t in times]
     with pytest.raises(ValueError, match="over the budget"):
-        spdy_search(proxy, times, budget, loss, num_random=1, num_mutation_rounds=0, seed_solutions=[heavy])
+        spdy_search(proxy, times, budget, loss,
+                    SpdyOptions(num_random=1, num_mutation_rounds=0, seed_solutions=[heavy]))
 
 
 def test_spdy_deterministic_and_progress():
     proxy, times, budget, loss = make_synthetic(seed=4, L=5, n=5)
     ticks = []
-    r1 = spdy_search(proxy, times, budget, loss, num_random=20, num_mutation_rounds=60, seed=11,
+    r1 = spdy_search(proxy, times, budget, loss, SpdyOptions(num_random=20, num_mutation_rounds=60, seed=11),
                      progress=lambda i, n, b: ticks.append((i, n, b)))
-    r2 = spdy_search(proxy, times, budget, loss, num_random=20, num_mutation_rounds=60, seed=11)
-    assert r1.levels == r2.levels and r1.loss == r2.loss and r1.history == r2.history
+    r2 = spdy_search(proxy, times, budget, loss, SpdyOptions(num_random=20, num_mutation_rounds=60, seed=11))
+    assert r1.level_index == r2.level_index and r1.loss == r2.loss and r1.history == r2.history
     assert np.array_equal(r1.weights, r2.weights)
     assert [t[0] for t in ticks] == list(range(1, 81))
     assert all(t[1] == 80 for t in ticks)
@@ -271,11 +276,11 @@ def test_spdy_nan_loss_is_never_best():
         seen.append(levels)
         return float("nan") if len(seen) == 1 else -1.0  # the first one is "broken"
 
-    res = spdy_search(proxy, times, budget, evaluate, num_random=20, num_mutation_rounds=20, seed=0,
-                      init_weights=[np.ones(4)])
+    res = spdy_search(proxy, times, budget, evaluate,
+                      SpdyOptions(num_random=20, num_mutation_rounds=20, seed=0, init_weights=[np.ones(4)]))
     assert len(seen) >= 2
     assert res.history[0] == math.inf
-    assert res.loss == -1.0 and res.levels != seen[0]
+    assert res.loss == -1.0 and res.level_index != seen[0]
 
 
 # ---------------------------------------------------------------- uniform
@@ -317,27 +322,33 @@ def test_uniform_no_zero_level_takes_smallest():
         uniform_levels(counts, times, 2.5)
 
 
-def test_search_module_imports_numpy_only():
+@pytest.mark.parametrize("module", ["dp", "spdy", "uniform"])
+def test_search_module_imports_numpy_only(module):
     import ast
+    import importlib
     import pathlib
 
-    import ziplm_ext.stages.search.dp as s
-
+    s = importlib.import_module(f"ziplm_ext.stages.search.{module}")
     tree = ast.parse(pathlib.Path(s.__file__).read_text())
-    mods = set()
+    mods, package = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             mods.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom):
             mods.add((node.module or "").split(".")[0] if node.level == 0 else "." + (node.module or ""))
+            if (node.module or "").startswith("ziplm_ext"):
+                package.add(node.module)
     assert "torch" not in mods
     assert not any(m.startswith(".") for m in mods)
     assert mods <= {"__future__", "itertools", "math", "dataclasses", "typing", "numpy", "ziplm_ext"}
-    assert "import torch" not in pathlib.Path(s.__file__).read_text()  # only ziplm_ext.errors from the package
+    assert "import torch" not in pathlib.Path(s.__file__).read_text()
+    # from the package only the error type and the other NumPy-only search modules
+    assert package <= {"ziplm_ext.errors", "ziplm_ext.stages.search.dp", "ziplm_ext.stages.search.spdy",
+                       "ziplm_ext.stages.search.uniform"}
 
 
 def test_uniform_per_kind_fits_tightest_and_beats_single_fraction():
-    from ziplm_ext.stages.search.dp import uniform_per_kind_levels
+    from ziplm_ext.stages.search.uniform import uniform_per_kind_levels
 
     # 2 attention layers with 3 structures (coarse), 2 FFN layers with a fine grid
     counts = [[3, 2, 1, 0], [3, 2, 1, 0], list(range(10, -1, -1)), list(range(10, -1, -1))]

@@ -489,7 +489,7 @@ def test_wrappers_return_output_of_the_timed_block(device):
     assert isinstance(t, Timing) and t.times.shape == (2,)
     _check_output(out, args[0], attention_block_reference(*args, 16, True), K=64)
     _, dargs = _decode_args(device=device, dtype=torch.float64)
-    t, out = timing.time_attention_decode(*dargs, 16, warmup=0, reps=3, return_output=True)
+    t, out = timing.time_attention_decode_with_output(*dargs, 16, warmup=0, reps=3)
     assert isinstance(t, Timing) and t.times.shape == (3,)
     _check_output(out, dargs[0], timing.attention_decode_block_reference(*dargs, 16), K=64)
     fargs = _ffn(device=device, dtype=torch.float64)

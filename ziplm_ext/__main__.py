@@ -2,7 +2,7 @@
 
 import sys
 
-from ziplm_ext.cli.commands import main
+from ziplm_ext.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,17 +1,21 @@
 """Markdown + PNG report of a pruned model family.
 
 :func:`write_report` works from any duck-typed "family" object with the
-attributes of :class:`ziplm_ext.pipeline.PrunedFamily` (``results``, ``env``,
+attributes of :class:`ziplm_ext.results.PrunedFamily` (``results``, ``env``,
 ``latency_table``, ``dense_calibration_loss``, ``dense_num_parameters``,
-``dense_metrics``, ``baselines``, ``stage_seconds``, ``model_name``); nothing
-from :mod:`ziplm_ext.pipeline` is imported.  Missing optional attributes are
-reported as "n/a".
+``dense_metrics``, ``baselines``, ``stage_seconds``, ``model_name``), or the
+same fields as mappings (``family.json``); nothing from the pipeline is
+imported.  Missing optional attributes are reported as "n/a".  A result's kept
+structures per layer are read from ``widths`` (older saves: ``levels``).
+
+:func:`summary_table` is the short fixed-width table ``ziplm prune`` prints.
 
 Files written (each atomically: temp file in the same directory, then
 ``os.replace``):
 
 * ``report.md`` -- model, environment, dense time, stage timing, one table row
-  per target and per baseline, and the best method per target;
+  per target and per baseline, the best method per target, and the kept
+  structures per layer of each target (when the results record them);
 * ``quality_vs_speedup.png`` -- quality against measured speedup (matplotlib,
   Agg canvas; no pyplot global state).
 
@@ -101,6 +105,14 @@ def _metrics(row) -> dict:
     return dict(m) if isinstance(m, dict) else {}
 
 
+def _widths(row) -> dict:
+    """Kept structures per layer name of a result (``widths``; ``levels`` in saves before the rename)."""
+    w = _get(row, "widths", None)
+    if w is None:
+        w = _get(row, "levels", None)
+    return dict(w) if isinstance(w, dict) else {}
+
+
 def _target_key(t) -> float | None:
     v = _num(t)
     return None if v is None else round(v, 6)
@@ -132,6 +144,7 @@ def _rows(family) -> list[dict]:
             "calibration_loss": _num(_get(r, "calibration_loss")),
             "num_parameters": _num(_get(r, "num_parameters")),
             "metrics": _metrics(r),
+            "widths": _widths(r),
         })
     baselines = _get(family, "baselines") or {}
     for name, entries in dict(baselines).items():
@@ -144,6 +157,7 @@ def _rows(family) -> list[dict]:
                 "calibration_loss": _num(_get(b, "calibration_loss")),
                 "num_parameters": _num(_get(b, "num_parameters")),
                 "metrics": _metrics(b),
+                "widths": _widths(b),
             })
     return rows
 
@@ -210,19 +224,13 @@ def best_per_target(family) -> list[tuple[float, dict | None, str]]:
 # --------------------------------------------------------------------------
 # markdown
 # --------------------------------------------------------------------------
-def render_markdown(family, png_name: str | None = REPORT_PNG) -> str:
-    rows = _rows(family)
-    mkeys = _metric_keys(family, rows)
-    qkey = quality_key(family)
+def _md_setup(family, mkeys: list[str]) -> list[str]:
+    """Model, environment, dense time and the dense model's numbers."""
     env = _get(family, "env")
     table = _get(family, "latency_table")
     name = _get(family, "model_name") or "model"
-    L: list[str] = [f"# ZipLM pruning report: {_md_escape(name)}", ""]
-
-    # --- setup
     env_desc = env.describe() if hasattr(env, "describe") else str(env)
-    L.append(f"- **Model:** `{_md_escape(name)}`")
-    L.append(f"- **Environment:** `{_md_escape(env_desc)}`")
+    L = [f"- **Model:** `{_md_escape(name)}`", f"- **Environment:** `{_md_escape(env_desc)}`"]
     if env is not None and all(hasattr(env, a) for a in ("device", "dtype", "batch_size", "seq_len")):
         L.append(f"  (device {env.device}, dtype {env.dtype}, batch size {env.batch_size}, "
                  f"sequence length {env.seq_len}, mode {_get(env, 'mode', 'prefill')})")
@@ -246,11 +254,13 @@ def render_markdown(family, png_name: str | None = REPORT_PNG) -> str:
     dense_metrics = _get(family, "dense_metrics") or {}
     dense_bits += [f"{_label(k)} {_fmt(dense_metrics.get(k))}" for k in mkeys if k in dense_metrics]
     L.append("- **Dense model:** " + ", ".join(dense_bits))
-    L.append("")
+    return L + [""]
 
-    # --- stage timing
+
+def _md_stages(family) -> list[str]:
+    """Wall-clock time per pipeline stage and its share."""
     stages = dict(_get(family, "stage_seconds") or {})
-    L += ["## Stage timing", ""]
+    L = ["## Stage timing", ""]
     if stages:
         total = sum(v for v in (_num(x) for x in stages.values()) if v is not None)
         order = [s for s in _STAGES if s in stages] + [s for s in stages if s not in _STAGES]
@@ -262,32 +272,40 @@ def render_markdown(family, png_name: str | None = REPORT_PNG) -> str:
         L.append(f"| **total** | **{_fmt_seconds(total)}** | 100% |")
     else:
         L.append("No stage timing recorded.")
-    L.append("")
+    return L + [""]
 
-    # --- results table
-    L += ["## Results", ""]
+
+def _md_results(family, rows: list[dict], mkeys: list[str]) -> list[str]:
+    """One row for the dense model, then one per (target, method)."""
+    L = ["## Results", ""]
     head = ["method", "target", "predicted speedup", "measured speedup", "calibration loss", "parameters"]
     head += [_label(k) for k in mkeys]
     L.append("| " + " | ".join(head) + " |")
     L.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+    dense_metrics = _get(family, "dense_metrics") or {}
     dense_row = ["dense", _NA, "1.00x", "1.00x", _fmt(_get(family, "dense_calibration_loss")),
                  _fmt_params(_get(family, "dense_num_parameters"))]
     dense_row += [_fmt(dense_metrics.get(k)) for k in mkeys]
     L.append("| " + " | ".join(dense_row) + " |")
-    by_target = sorted(rows, key=lambda r: (r["target"] if r["target"] is not None else math.inf,
-                                            not r.get("main"), r["method"]))
-    for r in by_target:
+    for r in _by_target(rows):
         cells = [_md_escape(r["method"]), _fmt_speedup(r["target"]), _fmt_speedup(r["predicted_speedup"]),
                  _fmt_speedup(r["measured_speedup"]), _fmt(r["calibration_loss"]), _fmt_params(r["num_parameters"])]
         cells += [_fmt(r["metrics"].get(k)) for k in mkeys]
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
     L.append("Baselines are listed at the target they were built for; compare them at their *measured* speedup.")
-    L.append("")
+    return L + [""]
 
-    # --- best per target
+
+def _by_target(rows: list[dict]) -> list[dict]:
+    """Rows by ascending target; at each target the family's own result first, then baselines by name."""
+    return sorted(rows, key=lambda r: (r["target"] if r["target"] is not None else math.inf,
+                                       not r.get("main"), r["method"]))
+
+
+def _md_best(family, qkey: str) -> list[str]:
     arrow = "higher" if _higher_is_better(qkey) else "lower"
-    L += ["## Best method per target", "", f"Criterion: {_label(qkey)} ({arrow} is better).", ""]
+    L = ["## Best method per target", "", f"Criterion: {_label(qkey)} ({arrow} is better).", ""]
     best = best_per_target(family)
     if not best:
         L.append("No pruned results.")
@@ -298,11 +316,65 @@ def render_markdown(family, png_name: str | None = REPORT_PNG) -> str:
         note = f", measured {_fmt_speedup(row['measured_speedup'])}" if row["measured_speedup"] is not None else ""
         L.append(f"- **{_fmt_speedup(t)}:** {_md_escape(row['method'])} "
                  f"({_label(key)} {_fmt(_quality(row, key))}{note})")
-    L.append("")
+    return L + [""]
 
+
+def _md_widths(rows: list[dict]) -> list[str]:
+    """Kept structures per layer (attention: heads or KV groups; FFN: channels; FLOP: ranks), one column
+    per target of the family's own results; nothing when no result records them."""
+    main = [r for r in _by_target(rows) if r.get("main") and r["widths"]]
+    if not main:
+        return []
+    names = list(dict.fromkeys(n for r in main for n in r["widths"]))
+    L = ["## Kept structures per layer", "",
+         "| layer | " + " | ".join(_fmt_speedup(r["target"]) for r in main) + " |",
+         "|---|" + "---:|" * len(main)]
+    for n in names:
+        cells = [str(r["widths"][n]) if n in r["widths"] else _NA for r in main]
+        L.append(f"| {_md_escape(n)} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def render_markdown(family, png_name: str | None = REPORT_PNG) -> str:
+    rows = _rows(family)
+    mkeys = _metric_keys(family, rows)
+    qkey = quality_key(family)
+    name = _get(family, "model_name") or "model"
+    L: list[str] = [f"# ZipLM pruning report: {_md_escape(name)}", ""]
+    L += _md_setup(family, mkeys)
+    L += _md_stages(family)
+    L += _md_results(family, rows, mkeys)
+    L += _md_best(family, qkey)
     if png_name:
         L += ["## Quality vs measured speedup", "", f"![{_label(qkey)} vs measured speedup]({png_name})", ""]
+    L += _md_widths(rows)
     return "\n".join(L)
+
+
+# --------------------------------------------------------------------------
+# summary table (stdout of ``ziplm prune``)
+# --------------------------------------------------------------------------
+def summary_table(family) -> str:
+    """Short fixed-width table: one line for the dense model, one per target (+ baselines)."""
+    key = quality_key(family)
+    label = {"perplexity": "ppl", "embedding_cosine": "emb_cos", "calibration_loss": "calib_loss"}.get(key, key)
+
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    lines = [f"{'method':<10} {'target':>7} {'pred':>7} {'measured':>9} {'params':>12} {label:>11}"]
+    dq = (getattr(family, "dense_calibration_loss", None) if key == "calibration_loss"
+          else (getattr(family, "dense_metrics", None) or {}).get(key))
+    lines.append(f"{'dense':<10} {'-':>7} {'1.00x':>7} {'1.00x':>9} "
+                 f"{f(getattr(family, 'dense_num_parameters', None), ','):>12} {f(dq, '.4g'):>11}")
+    for r in sorted(_rows(family), key=lambda r: (r["target"] or 0, not r.get("main"), r["method"])):
+        q = r["calibration_loss"] if key == "calibration_loss" else r["metrics"].get(key)
+        params = None if r["num_parameters"] is None else int(r["num_parameters"])
+        lines.append(f"{r['method'][:10]:<10} {f(r['target'], '.2f') + 'x':>7} "
+                     f"{(f(r['predicted_speedup'], '.2f') + 'x') if r['predicted_speedup'] else '-':>7} "
+                     f"{(f(r['measured_speedup'], '.2f') + 'x') if r['measured_speedup'] else '-':>9} "
+                     f"{f(params, ','):>12} {f(q, '.4g'):>11}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------

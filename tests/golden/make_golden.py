@@ -154,10 +154,10 @@ def run_prune(family: str):
 def record(family: str, fam, dense_model) -> dict:
     results = []
     for r in fam.results:
-        results.append(dict(target=r.target, levels=dict(r.levels), predicted_speedup=r.predicted_speedup,
+        results.append(dict(target=r.target, levels=dict(r.widths), predicted_speedup=r.predicted_speedup,
                             calibration_loss=r.calibration_loss, num_parameters=r.num_parameters,
                             params=param_record(r.model)))
-    baselines = {kind: [dict(target=row["target"], levels=dict(row["levels"]),
+    baselines = {kind: [dict(target=row["target"], levels=dict(row["widths"]),
                              predicted_speedup=row["predicted_speedup"], calibration_loss=row["calibration_loss"],
                              num_parameters=row["num_parameters"]) for row in rows]
                  for kind, rows in fam.baselines.items()}

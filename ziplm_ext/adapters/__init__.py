@@ -10,6 +10,7 @@ from ziplm_ext.adapters.base import Adapter, PrunableLayer, RemovedModule, Unsup
 from ziplm_ext.adapters.bert import BertAdapter
 from ziplm_ext.adapters.gpt2 import GPT2Adapter
 from ziplm_ext.adapters.llama import LlamaAdapter
+from ziplm_ext.adapters.shapes import ModelShapes, has_lm_head, is_causal_lm, model_shapes
 
 ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, LlamaAdapter)
 
@@ -40,4 +41,8 @@ __all__ = [
     "LlamaAdapter",
     "ADAPTERS",
     "get_adapter",
+    "ModelShapes",
+    "model_shapes",
+    "is_causal_lm",
+    "has_lm_head",
 ]

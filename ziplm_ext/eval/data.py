@@ -33,12 +33,13 @@ import json
 import os
 import random
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from ziplm_ext.io.fileio import atomic_write_bytes
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 #: bump when the cleaning rules change (invalidates the cache)
@@ -181,11 +182,8 @@ def wiki_articles(use_cache: bool = True) -> list[dict]:
     if use_cache:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(articles, f, ensure_ascii=False)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, cache_file)  # atomic: concurrent readers never see half a file
+            # atomic: concurrent readers never see half a file
+            atomic_write_bytes(cache_file, json.dumps(articles, ensure_ascii=False).encode("utf-8"))
         except OSError:
             pass  # read-only home etc.: just don't cache
     return articles

@@ -53,6 +53,16 @@ def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
     return math.exp(lm_loss(model, input_ids, batch_size))
 
 
+def kl_terms(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """Elementwise terms of ``KL(ref || model)``: ``exp(ref) * (ref - logprobs)`` on log-probabilities.
+
+    The one KL of the package (calibration loss of the search, ``kl_to_teacher``, the distillation
+    logit term); callers sum over the vocabulary dimension (or everything) themselves, so each keeps
+    its own reduction order.  No shape checks: broadcasting follows torch.
+    """
+    return ref_logprobs.exp() * (ref_logprobs - logprobs)
+
+
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean per-token ``KL(teacher || student)`` over the last (vocab) dim; differentiable w.r.t. the student.
@@ -63,7 +73,7 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
         raise ValueError(f"logit shapes differ: {tuple(student_logits.shape)} vs {tuple(teacher_logits.shape)}")
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)
+    kl = kl_terms(t, s).sum(-1)
     if mask is not None:
         m = mask.to(kl.dtype)
         return (kl * m).sum() / m.sum().clamp_min(1)

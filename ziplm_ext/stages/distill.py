@@ -1,4 +1,5 @@
-"""Token-level knowledge distillation from a dense teacher into a pruned student.
+"""Token-level knowledge distillation from a dense teacher into a pruned student (ZipLM paper,
+gradual pruning: fine-tuning with distillation from the dense model between pruning steps).
 
 Used by gradual ZipLM pruning (fine-tune between pruning steps) and by the FLOP
 baseline.  The student is a structurally pruned copy of the teacher with the
@@ -58,6 +59,9 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ziplm_ext.adapters import is_causal_lm
+from ziplm_ext.eval.metrics import kl_terms
 
 __all__ = ["DistillConfig", "FinetuneStats", "distill_loss", "finetune"]
 
@@ -135,6 +139,70 @@ def _token_logits(out):
     return z
 
 
+def _real_mask(input_ids, attention_mask) -> torch.Tensor:
+    """Boolean ``(B, T)`` mask of the real tokens (all of them when ``attention_mask`` is None)."""
+    if attention_mask is None:
+        return torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                         f"{tuple(input_ids.shape)}")
+    return attention_mask.to(device=input_ids.device) != 0
+
+
+def _task_term(z_s, input_ids, mask) -> torch.Tensor:
+    """``L_task``: shifted next-token CE averaged over predicted real tokens."""
+    if z_s.shape[:2] != input_ids.shape:
+        raise ValueError(f"student logits {tuple(z_s.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    logits = z_s[:, :-1].float()
+    labels = input_ids[:, 1:]
+    valid = mask[:, :-1] & mask[:, 1:]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    validf = valid.reshape(-1).float()
+    return (ce * validf).sum() / validf.sum().clamp_min(1.0)
+
+
+def _logit_term(z_s, teacher_out, maskf, n_real, temperature: float) -> torch.Tensor:
+    """``L_logit``: ``T^2`` times the mean per-real-token ``KL(teacher || student)`` at temperature ``T``."""
+    z_t = _token_logits(teacher_out)
+    if z_t is None:
+        raise ValueError("distill_loss: the student has token logits but the teacher does not")
+    if z_t.shape != z_s.shape:
+        raise ValueError(f"student logits {tuple(z_s.shape)} and teacher logits {tuple(z_t.shape)} differ in shape")
+    T = float(temperature)
+    logp_s = F.log_softmax(z_s.float() / T, dim=-1)
+    logp_t = F.log_softmax(z_t.detach().float() / T, dim=-1)
+    kl = kl_terms(logp_t, logp_s).sum(-1)  # (B, T)
+    return (T * T) * (kl * maskf).sum() / n_real
+
+
+def _hidden_term(student_out, teacher_out, mask, maskf) -> torch.Tensor:
+    """``L_hidden``: per-layer normalised hidden-state MSE, averaged over the block outputs."""
+    hs = getattr(student_out, "hidden_states", None)
+    ht = getattr(teacher_out, "hidden_states", None)
+    if hs is None or ht is None:
+        who = "student" if hs is None else "teacher"
+        raise ValueError(f"distill_loss: the {who} output has no hidden_states; call the model with "
+                         "output_hidden_states=True (or set hidden_weight=0)")
+    if len(hs) != len(ht):
+        raise ValueError(f"hidden distillation needs equal depth: the student has {len(hs)} hidden states, "
+                         f"the teacher {len(ht)}")
+    if len(hs) < 2:
+        raise ValueError("hidden distillation needs at least one block output (hidden_states[1:] is empty)")
+    acc = None
+    for l in range(1, len(hs)):
+        a, b = hs[l], ht[l]
+        if a.shape != b.shape:
+            raise ValueError(f"hidden_states[{l}] shapes differ: student {tuple(a.shape)}, teacher {tuple(b.shape)}")
+        if a.shape[:2] != mask.shape:
+            raise ValueError(f"hidden_states[{l}] shape {tuple(a.shape)} does not match input_ids {tuple(mask.shape)}")
+        b = b.detach().float()
+        num = ((a.float() - b).pow(2).sum(-1) * maskf).sum()
+        den = (b.pow(2).sum(-1) * maskf).sum()
+        ratio = num / den.clamp_min(torch.finfo(torch.float32).tiny)  # the 1/n_real factors cancel
+        acc = ratio if acc is None else acc + ratio
+    return acc / (len(hs) - 1)
+
+
 def distill_loss(student_out, teacher_out, input_ids, attention_mask, cfg: DistillConfig, *,
                  causal: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Weighted distillation loss of one batch (formulas in the module docstring).
@@ -154,13 +222,7 @@ def distill_loss(student_out, teacher_out, input_ids, attention_mask, cfg: Disti
         grad through the student outputs), and the unweighted terms present
         plus ``"total"`` as Python floats.
     """
-    if attention_mask is None:
-        mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
-    else:
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                             f"{tuple(input_ids.shape)}")
-        mask = attention_mask.to(device=input_ids.device) != 0
+    mask = _real_mask(input_ids, attention_mask)
     maskf = mask.float()
     n_real = maskf.sum().clamp_min(1.0)
 
@@ -185,65 +247,16 @@ def distill_loss(student_out, teacher_out, input_ids, attention_mask, cfg: Disti
         total = w * value if total is None else total + w * value
 
     if use_task:
-        if z_s.shape[:2] != input_ids.shape:
-            raise ValueError(f"student logits {tuple(z_s.shape)} do not match input_ids {tuple(input_ids.shape)}")
-        logits = z_s[:, :-1].float()
-        labels = input_ids[:, 1:]
-        valid = mask[:, :-1] & mask[:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-        validf = valid.reshape(-1).float()
-        add("task", cfg.task_weight, (ce * validf).sum() / validf.sum().clamp_min(1.0))
-
+        add("task", cfg.task_weight, _task_term(z_s, input_ids, mask))
     if use_logit:
-        z_t = _token_logits(teacher_out)
-        if z_t is None:
-            raise ValueError("distill_loss: the student has token logits but the teacher does not")
-        if z_t.shape != z_s.shape:
-            raise ValueError(f"student logits {tuple(z_s.shape)} and teacher logits {tuple(z_t.shape)} differ in shape")
-        T = float(cfg.temperature)
-        logp_s = F.log_softmax(z_s.float() / T, dim=-1)
-        logp_t = F.log_softmax(z_t.detach().float() / T, dim=-1)
-        kl = (logp_t.exp() * (logp_t - logp_s)).sum(-1)  # (B, T)
-        add("logit", cfg.logit_weight, (T * T) * (kl * maskf).sum() / n_real)
-
+        add("logit", cfg.logit_weight, _logit_term(z_s, teacher_out, maskf, n_real, cfg.temperature))
     if use_hidden:
-        hs = getattr(student_out, "hidden_states", None)
-        ht = getattr(teacher_out, "hidden_states", None)
-        if hs is None or ht is None:
-            who = "student" if hs is None else "teacher"
-            raise ValueError(f"distill_loss: the {who} output has no hidden_states; call the model with "
-                             "output_hidden_states=True (or set hidden_weight=0)")
-        if len(hs) != len(ht):
-            raise ValueError(f"hidden distillation needs equal depth: the student has {len(hs)} hidden states, "
-                             f"the teacher {len(ht)}")
-        if len(hs) < 2:
-            raise ValueError("hidden distillation needs at least one block output (hidden_states[1:] is empty)")
-        acc = None
-        for l in range(1, len(hs)):
-            a, b = hs[l], ht[l]
-            if a.shape != b.shape:
-                raise ValueError(f"hidden_states[{l}] shapes differ: student {tuple(a.shape)}, teacher {tuple(b.shape)}")
-            if a.shape[:2] != mask.shape:
-                raise ValueError(f"hidden_states[{l}] shape {tuple(a.shape)} does not match input_ids {tuple(mask.shape)}")
-            b = b.detach().float()
-            num = ((a.float() - b).pow(2).sum(-1) * maskf).sum()
-            den = (b.pow(2).sum(-1) * maskf).sum()
-            ratio = num / den.clamp_min(torch.finfo(torch.float32).tiny)  # the 1/n_real factors cancel
-            acc = ratio if acc is None else acc + ratio
-        add("hidden", cfg.hidden_weight, acc / (len(hs) - 1))
-
+        add("hidden", cfg.hidden_weight, _hidden_term(student_out, teacher_out, mask, maskf))
     terms["total"] = float(total.detach())
     return total, terms
 
 
 # ----------------------------------------------------------------------------- training
-
-
-def _is_causal_lm(model) -> bool:
-    """Whether the task term (next-token CE) applies: HF causal-LM heads, or decoder configs."""
-    if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
-        return True
-    return bool(getattr(getattr(model, "config", None), "is_decoder", False))
 
 
 def _to_float(v) -> float:
@@ -330,6 +343,121 @@ def _lr_lambda(steps: int, warmup: int):
     return f
 
 
+def _check_finetune(student, teacher, train_data, steps, cfg) -> tuple[DistillConfig, torch.Tensor, Optional[torch.Tensor], torch.device]:
+    """Validate the arguments of :func:`finetune`; returns (cfg, ids, mask, device)."""
+    cfg = DistillConfig() if cfg is None else cfg
+    if not isinstance(cfg, DistillConfig):
+        raise ValueError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    if student is teacher:
+        raise ValueError("student and teacher are the same module; distil into a copy (e.g. copy.deepcopy)")
+    emb = student.get_input_embeddings()
+    vocab = int(emb.weight.shape[0])
+    ids_all, mask_all = check_train_data(train_data, vocab)
+
+    device = _model_device(student)
+    t_device = _model_device(teacher)
+    if t_device != device:
+        raise ValueError(f"teacher is on {t_device} but the student is on {device}; move both to the same device")
+    return cfg, ids_all, mask_all, device
+
+
+def _param_groups(student, param_groups: Optional[list]) -> list[dict]:
+    """The AdamW parameter groups: the given ones (copied), or every trainable student parameter."""
+    if param_groups is None:
+        params = [p for p in student.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the student has no parameter with requires_grad=True (and no param_groups given)")
+        return [{"params": params}]
+    param_groups = [dict(g) for g in param_groups]
+    if not param_groups:
+        raise ValueError("param_groups is empty")
+    for g in param_groups:
+        if "params" not in g:
+            raise ValueError("each param_groups entry must have a 'params' key")
+        g["params"] = list(g["params"])
+    return param_groups
+
+
+def _forward_kwargs(model) -> dict:
+    """``use_cache=False`` for models whose forward takes it (no KV cache while training)."""
+    try:
+        names = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        names = {}
+    return {"use_cache": False} if "use_cache" in names else {}
+
+
+@dataclass
+class _Trainer:
+    """What one :func:`finetune` step needs (built once per call)."""
+
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    cfg: DistillConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    desc: str
+    extra_loss: Optional[Callable] = None
+    after_backward: Optional[Callable] = None
+
+    def __post_init__(self):
+        self.clip_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.causal = is_causal_lm(self.student)
+        self.amp = self.cfg.amp if self.cfg.amp is not None else self.device.type == "cuda"
+        self.need_teacher = self.cfg.logit_weight > 0 or self.cfg.hidden_weight > 0
+        self.s_kw, self.t_kw = _forward_kwargs(self.student), _forward_kwargs(self.teacher)
+
+    def _loss(self, step: int, ids, mask) -> tuple[torch.Tensor, dict]:
+        kw = {"output_hidden_states": True}
+        if mask is not None:
+            kw["attention_mask"] = mask
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            if self.need_teacher:
+                with torch.no_grad():
+                    t_out = self.teacher(ids, **kw, **self.t_kw)
+            else:
+                t_out = None
+            s_out = self.student(ids, **kw, **self.s_kw)
+        loss, terms = distill_loss(s_out, t_out, ids, mask, self.cfg, causal=self.causal)
+        if self.extra_loss is not None:
+            x_loss, x_terms = self.extra_loss(step)
+            loss = loss + x_loss
+            terms = {"distill": terms.pop("total"), **terms, **{k: _to_float(v) for k, v in dict(x_terms or {}).items()}}
+            terms["total"] = float(loss.detach())
+        return loss, terms
+
+    def step(self, step: int, ids, mask) -> dict:
+        """One optimizer step on the batch; returns its loss terms and the lr used."""
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        loss, terms = self._loss(step, ids, mask)
+        if not math.isfinite(terms["total"]):
+            raise FloatingPointError(f"{self.desc}: non-finite loss at step {step}: "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()))
+        loss.backward()
+        if self.after_backward is not None:
+            self.after_backward(step)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.clip_params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        del loss
+        terms["lr"] = lr_now
+        return terms
+
+
+def _final_means(history: list[dict], steps: int) -> dict:
+    """Mean of each entry over the last ``max(1, steps // 10)`` steps."""
+    tail = history[-max(1, steps // 10):]
+    keys = list(dict.fromkeys(k for h in tail for k in h))
+    return {k: sum(h[k] for h in tail if k in h) / sum(1 for h in tail if k in h) for k in keys}
+
+
 def finetune(student, teacher, train_data, steps: int, cfg: DistillConfig = None, *, progress: bool = True,
              extra_loss: Optional[Callable] = None, after_backward: Optional[Callable] = None,
              param_groups: Optional[list] = None, desc: str = "distill") -> FinetuneStats:
@@ -360,56 +488,12 @@ def finetune(student, teacher, train_data, steps: int, cfg: DistillConfig = None
         restored on return (also on exceptions).  A non-finite loss raises
         ``FloatingPointError`` naming the step.
     """
-    cfg = DistillConfig() if cfg is None else cfg
-    if not isinstance(cfg, DistillConfig):
-        raise ValueError(f"cfg must be a DistillConfig, got {type(cfg).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
-    if student is teacher:
-        raise ValueError("student and teacher are the same module; distil into a copy (e.g. copy.deepcopy)")
-    emb = student.get_input_embeddings()
-    vocab = int(emb.weight.shape[0])
-    ids_all, mask_all = check_train_data(train_data, vocab)
-
-    device = _model_device(student)
-    t_device = _model_device(teacher)
-    if t_device != device:
-        raise ValueError(f"teacher is on {t_device} but the student is on {device}; move both to the same device")
-
+    cfg, ids_all, mask_all, device = _check_finetune(student, teacher, train_data, steps, cfg)
     if steps == 0:
         return FinetuneStats(steps=0, tokens=0, seconds=0.0, tokens_per_second=0.0, history=[], final={})
-
-    if param_groups is None:
-        params = [p for p in student.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the student has no parameter with requires_grad=True (and no param_groups given)")
-        param_groups = [{"params": params}]
-    else:
-        param_groups = [dict(g) for g in param_groups]
-        if not param_groups:
-            raise ValueError("param_groups is empty")
-        for g in param_groups:
-            if "params" not in g:
-                raise ValueError("each param_groups entry must have a 'params' key")
-            g["params"] = list(g["params"])
-    optimizer = _adamw(param_groups, cfg)
+    optimizer = _adamw(_param_groups(student, param_groups), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, cfg.warmup_steps))
-    clip_params = [p for g in optimizer.param_groups for p in g["params"]]
-
-    causal = _is_causal_lm(student)
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
-    need_teacher = cfg.logit_weight > 0 or cfg.hidden_weight > 0
-
-    def fwd_kwargs(model):
-        try:
-            names = inspect.signature(model.forward).parameters
-        except (TypeError, ValueError):  # pragma: no cover
-            names = {}
-        return {"use_cache": False} if "use_cache" in names else {}
-
-    s_kw, t_kw = fwd_kwargs(student), fwd_kwargs(teacher)
+    trainer = _Trainer(student, teacher, cfg, optimizer, scheduler, device, desc, extra_loss, after_backward)
 
     modes = [(m, m.training) for m in student.modules()] + [(m, m.training) for m in teacher.modules()]
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -428,38 +512,8 @@ def finetune(student, teacher, train_data, steps: int, cfg: DistillConfig = None
         for step, rows in enumerate(_batch_indices(ids_all.shape[0], cfg.batch_size, steps, gen)):
             ids = ids_all[rows].to(device)
             mask = mask_all[rows].to(device) if mask_all is not None else None
-            kw = {"output_hidden_states": True}
-            if mask is not None:
-                kw["attention_mask"] = mask
-            lr_now = optimizer.param_groups[0]["lr"]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                if need_teacher:
-                    with torch.no_grad():
-                        t_out = teacher(ids, **kw, **t_kw)
-                else:
-                    t_out = None
-                s_out = student(ids, **kw, **s_kw)
-            loss, terms = distill_loss(s_out, t_out, ids, mask, cfg, causal=causal)
-            if extra_loss is not None:
-                x_loss, x_terms = extra_loss(step)
-                loss = loss + x_loss
-                terms = {"distill": terms.pop("total"), **terms, **{k: _to_float(v) for k, v in dict(x_terms or {}).items()}}
-                terms["total"] = float(loss.detach())
-            if not math.isfinite(terms["total"]):
-                raise FloatingPointError(f"{desc}: non-finite loss at step {step}: "
-                                         + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()))
-            loss.backward()
-            if after_backward is not None:
-                after_backward(step)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(clip_params, cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            del s_out, t_out, loss
-
+            terms = trainer.step(step, ids, mask)
             tokens += int(mask.sum()) if mask is not None else ids.numel()
-            terms["lr"] = lr_now
             history.append(terms)
             bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items()}, refresh=False)
             bar.update(1)
@@ -471,9 +525,6 @@ def finetune(student, teacher, train_data, steps: int, cfg: DistillConfig = None
         for m, was_training in modes:
             m.training = was_training
 
-    tail = history[-max(1, steps // 10):]
-    keys = list(dict.fromkeys(k for h in tail for k in h))
-    final = {k: sum(h[k] for h in tail if k in h) / sum(1 for h in tail if k in h) for k in keys}
     return FinetuneStats(steps=len(history), tokens=tokens, seconds=seconds,
                          tokens_per_second=tokens / seconds if seconds > 0 else float("inf"),
-                         history=history, final=final)
+                         history=history, final=_final_means(history, steps))

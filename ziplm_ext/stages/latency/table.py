@@ -1,4 +1,4 @@
-"""The inference environment and the latency table (ZIPLM.md section 4).
+"""The inference environment and the latency table (ZipLM paper: per-layer latency table).
 
 This module is the one definition of
 
@@ -195,7 +195,7 @@ class LatencyTable:
 
     def budget(self, target_speedup: float) -> float:
         """Time available to the prunable layers for ``target_speedup``:
-        dense_time / target - unprunable_time (ZIPLM.md section 5)."""
+        dense_time / target - unprunable_time (ZipLM paper, structured SPDY search)."""
         target = float(target_speedup)
         if not (target > 1):
             raise ValueError(f"target must be > 1, got {target_speedup!r}")

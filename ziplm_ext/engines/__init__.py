@@ -1,0 +1,27 @@
+"""Inference engines: the runtimes a latency table and end-to-end speedups are measured with.
+
+``get_engine(env)`` returns the :class:`~ziplm_ext.engines.base.Engine` of an inference environment.
+Today there is one, PyTorch eager mode (``"torch"``, :mod:`ziplm_ext.engines.torch_eager`); another
+runtime is one more entry in :data:`ENGINES`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from ziplm_ext.engines.base import BlockTimer, Engine
+from ziplm_ext.engines.torch_eager import TorchEagerEngine, in_env
+from ziplm_ext.env import InferenceEnv
+
+__all__ = ["BlockTimer", "Engine", "ENGINES", "DEFAULT_ENGINE", "TorchEagerEngine", "get_engine", "in_env"]
+
+ENGINES: Dict[str, Callable[[], Engine]] = {"torch": TorchEagerEngine}
+DEFAULT_ENGINE = "torch"
+
+
+def get_engine(env: InferenceEnv) -> Engine:
+    """The engine that runs models in `env` (``env.engine`` when the environment names one, else
+    PyTorch eager)."""
+    name = getattr(env, "engine", None) or DEFAULT_ENGINE
+    if name not in ENGINES:
+        raise ValueError(f"unknown inference engine {name!r}; known: {', '.join(sorted(ENGINES))}")
+    return ENGINES[name]()
