@@ -4,7 +4,9 @@ Layers, lowest first (a module may import its own layer and any lower one, never
 
   0  errors, env, native, io.fileio                 no knowledge of models
   1  adapters, layers, eval.data, eval.metrics       architecture knowledge, data, metrics
+  0  dist                                          torch.distributed helpers (sharding, reductions)
   2  engines, io.export, io.models, eval.evaluate    timing engines, serialisation, evaluation
+  2  deploy                                        exporters to GGUF / ONNX / self-contained HF directories
   3  stages                                          calibrate, database, levels, latency, search, slicing, distill
   4  config, results                                 what a run is configured with and returns
   5  methods                                         ZipLM one-shot / gradual, FLOP
@@ -26,9 +28,9 @@ import ziplm_ext
 PKG = Path(ziplm_ext.__file__).resolve().parent
 
 LAYERS = {
-    "errors": 0, "env": 0, "native": 0, "io": 0, "io.fileio": 0, "eval": 1,
+    "errors": 0, "env": 0, "native": 0, "io": 0, "io.fileio": 0, "dist": 0, "eval": 1,
     "adapters": 1, "layers": 1, "eval.data": 1, "eval.metrics": 1,
-    "engines": 2, "io.export": 2, "io.models": 2, "eval.evaluate": 2,
+    "engines": 2, "deploy": 2, "io.export": 2, "io.models": 2, "eval.evaluate": 2,
     "stages": 3,
     "config": 4, "results": 4,
     "methods": 5,
