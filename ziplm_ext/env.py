@@ -3,12 +3,15 @@ speedup targets are defined, timed and guaranteed in one environment)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Optional
 
 __all__ = ["InferenceEnv"]
 
 _DTYPES = ("float32", "float16", "bfloat16")
 _MODES = ("prefill", "decode")
+_ENGINES = ("torch", "llama.cpp", "onnxruntime")
+# Fields added after tables and families were first saved: absent in an old file means this default.
+_OPTIONAL_DEFAULTS = {"engine": "torch", "threads": None}
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,8 @@ class InferenceEnv:
     batch_size: int = 1
     seq_len: int = 128
     mode: str = "prefill"  # "prefill" or "decode" (decode = one new token per step with a KV cache of seq_len)
+    engine: str = "torch"  # the runtime the targets are measured in: "torch" (eager), "llama.cpp", "onnxruntime"
+    threads: Optional[int] = None  # CPU threads of the engine (None: the engine's default)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
@@ -37,6 +42,11 @@ class InferenceEnv:
                 raise ValueError(f"InferenceEnv.{name} must be an integer >= 1, got {v!r}")
         if self.mode not in _MODES:
             raise ValueError(f"InferenceEnv.mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
+        if self.engine not in _ENGINES:
+            raise ValueError(f"InferenceEnv.engine must be one of {', '.join(_ENGINES)}, got {self.engine!r}")
+        t = self.threads
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"InferenceEnv.threads must be an integer >= 1 or None, got {t!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -45,6 +55,7 @@ class InferenceEnv:
     def from_dict(cls, d: Mapping[str, Any]) -> "InferenceEnv":
         """Strict inverse of :meth:`to_dict`: every field must be present, no unknown keys."""
         names = [f.name for f in fields(cls)]
+        d = {**{k: v for k, v in _OPTIONAL_DEFAULTS.items() if k not in d}, **d}
         missing = [n for n in names if n not in d]
         if missing:
             raise ValueError(f"InferenceEnv: missing field(s) {', '.join(missing)}")
@@ -60,4 +71,7 @@ class InferenceEnv:
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
 
     def describe(self) -> str:
-        return f"{self.device}/{self.dtype}/{self.mode}/bs{self.batch_size}x{self.seq_len}"
+        base = f"{self.device}/{self.dtype}/{self.mode}/bs{self.batch_size}x{self.seq_len}"
+        if self.engine != "torch":
+            base = f"{self.engine}:{base}"
+        return base if self.threads is None else f"{base}/t{self.threads}"
