@@ -11,7 +11,8 @@ _DTYPES = ("float32", "float16", "bfloat16")
 _MODES = ("prefill", "decode")
 _ENGINES = ("torch", "llama.cpp", "onnxruntime")
 # Fields added after tables and families were first saved: absent in an old file means this default.
-_OPTIONAL_DEFAULTS = {"engine": "torch", "threads": None}
+_QUANTS = ("q8_0", "q4_k_m")  # llama.cpp quantisation types a family can be delivered and timed in
+_OPTIONAL_DEFAULTS = {"engine": "torch", "threads": None, "quant": None}
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class InferenceEnv:
     mode: str = "prefill"  # "prefill" or "decode" (decode = one new token per step with a KV cache of seq_len)
     engine: str = "torch"  # the runtime the targets are measured in: "torch" (eager), "llama.cpp", "onnxruntime"
     threads: Optional[int] = None  # CPU threads of the engine (None: the engine's default)
+    quant: Optional[str] = None  # llama.cpp only: weights quantised to "q8_0" / "q4_k_m" (None: dtype as is)
 
     def __post_init__(self) -> None:
         if not isinstance(self.device, str) or not self.device:
@@ -44,6 +46,15 @@ class InferenceEnv:
             raise ValueError(f"InferenceEnv.mode must be one of {', '.join(_MODES)}, got {self.mode!r}")
         if self.engine not in _ENGINES:
             raise ValueError(f"InferenceEnv.engine must be one of {', '.join(_ENGINES)}, got {self.engine!r}")
+        if self.quant is not None and (self.quant not in _QUANTS or self.engine != "llama.cpp"):
+            raise ValueError(f"InferenceEnv.quant must be one of {', '.join(_QUANTS)} with engine='llama.cpp', "
+                             f"got quant={self.quant!r} with engine={self.engine!r}")
+        if self.engine == "llama.cpp" and self.dtype == "bfloat16":
+            raise ValueError("InferenceEnv: llama.cpp runs float32 or float16 weights (or quant=...), not bfloat16")
+        if self.engine == "onnxruntime" and self.dtype != "float32":
+            raise ValueError(f"InferenceEnv: the onnxruntime engine runs float32 models, got dtype={self.dtype!r}")
+        if self.engine != "torch" and self.device != "cpu":
+            raise ValueError(f"InferenceEnv: the {self.engine} engine runs on the CPU here, got device={self.device!r}")
         t = self.threads
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ValueError(f"InferenceEnv.threads must be an integer >= 1 or None, got {t!r}")
@@ -73,5 +84,5 @@ class InferenceEnv:
     def describe(self) -> str:
         base = f"{self.device}/{self.dtype}/{self.mode}/bs{self.batch_size}x{self.seq_len}"
         if self.engine != "torch":
-            base = f"{self.engine}:{base}"
+            base = f"{self.engine}:{base}" + (f"/{self.quant}" if self.quant else "")
         return base if self.threads is None else f"{base}/t{self.threads}"

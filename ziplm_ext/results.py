@@ -105,12 +105,15 @@ class PrunedFamily:
         return target
 
     def _write_into(self, directory: Path) -> None:
+        from ziplm_ext.deploy.formats import export_for_engine
         from ziplm_ext.io.export import save_pruned
 
         for r in self.results:
             path = save_pruned(r.model, directory / result_dirname(r.target), extra=r.summary())
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(path)
+            # the artefact the engine runs (model.gguf / model.onnx), inside the same atomic write
+            export_for_engine(r.model, self.env, path, tokenizer=self.tokenizer)
         if self.latency_table is not None:
             self.latency_table.save(directory / "latency_table.json")
         (directory / "family.json").write_text(json.dumps(self.summary(), indent=2, default=float))

@@ -220,10 +220,26 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from ziplm_ext.deploy.formats import export_model
+
+    if args.format == "hf":
+        out = validate_out_dir(args.out)
+    else:
+        out = validate_out_file(args.out)
+        if out.exists():
+            raise CLIError(f"--out {out} already exists; choose a new file name")
+    model, tok = _load(args.model, "float32", "cpu")
+    path = export_model(model, args.format, out, tokenizer=tok, dtype=args.dtype, quant=args.quant)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    print(f"exported {args.model} as {args.format} to {path} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
 # --------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------
-COMMANDS = {"prune": cmd_prune, "latency": cmd_latency, "eval": cmd_eval}
+COMMANDS = {"prune": cmd_prune, "latency": cmd_latency, "eval": cmd_eval, "export": cmd_export}
 
 
 def _one_line(e: BaseException) -> str:

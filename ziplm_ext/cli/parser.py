@@ -1,4 +1,4 @@
-"""The ``ziplm`` argument parser: ``prune | latency | eval``, one-line usage errors (exit code 2).
+"""The ``ziplm`` argument parser: ``prune | latency | eval | export``, one-line usage errors (exit code 2).
 
 No command logic here: :func:`ziplm_ext.cli.commands.main` dispatches on ``args.command``.
 """
@@ -49,6 +49,14 @@ def _add_env_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seq-len", type=_positive_int, default=128,
                    help="sequence length (prefill) or KV-cache length (decode) (default: 128)")
     g.add_argument("--mode", default="prefill", choices=("prefill", "decode"), help="(default: prefill)")
+    g.add_argument("--engine", default="torch", choices=("torch", "llama.cpp", "onnxruntime"),
+                   help="runtime the speedups are measured and guaranteed in: torch (eager), llama.cpp (GGUF, "
+                        "LLaMA family; needs the llamacpp extra), onnxruntime (BERT family; needs the onnx extra) "
+                        "(default: torch)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads of the engine (default: its own)")
+    g.add_argument("--quant", default=None, choices=("q8_0", "q4_k_m"),
+                   help="llama.cpp only: deliver and time the models quantised this way (targets are speedups over "
+                        "the dense model quantised the same way)")
 
 
 def _add_prune(sub) -> None:
@@ -144,6 +152,21 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model for an inference engine",
+                       description="Write a (pruned or dense) model as GGUF for llama.cpp (LLaMA family, 'deci' "
+                                   "architecture with per-layer widths), ONNX for ONNX Runtime (BERT family), or a "
+                                   "self-contained Hugging Face directory (trust_remote_code=True, no ziplm_ext needed).")
+    p.add_argument("model", metavar="MODEL", help="pruned model directory, built-in name (smollm2, minilm) or "
+                                                  "Hugging Face model directory")
+    p.add_argument("--format", required=True, choices=("gguf", "onnx", "hf"))
+    p.add_argument("--out", required=True, metavar="PATH", help="output file (gguf, onnx) or directory (hf)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="gguf: tensor type of the weights (default: float32)")
+    p.add_argument("--quant", default=None, choices=("q8_0", "q4_k_m"),
+                   help="gguf: quantise with llama.cpp's own quantiser")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``ziplm`` parser; ``args.command`` is the sub-command (None when none was given)."""
     parser = _Parser(prog=PROG, description="ZipLM inference-aware structured pruning of Hugging Face transformer LMs.")
@@ -151,4 +174,5 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune(sub)
     _add_latency(sub)
     _add_eval(sub)
+    _add_export(sub)
     return parser

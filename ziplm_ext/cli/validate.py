@@ -130,8 +130,12 @@ def make_env(args):
     from ziplm_ext.env import InferenceEnv
 
     validate_device(args.device)
+    engine, quant = getattr(args, "engine", "torch"), getattr(args, "quant", None)
+    if quant is not None and engine != "llama.cpp":
+        raise ValueError(f"--quant {quant} needs --engine llama.cpp (it is a llama.cpp weight format)")
     return InferenceEnv(device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                        seq_len=args.seq_len, mode=getattr(args, "mode", "prefill"))
+                        seq_len=args.seq_len, mode=getattr(args, "mode", "prefill"), engine=engine,
+                        threads=getattr(args, "threads", None), quant=quant)
 
 
 def load_latency_table(path, env):

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -135,6 +136,10 @@ class TorchBlockTimer:
 
     def time_block(self, kind: str, width: int, warmup: int, reps: int) -> torch.Tensor:
         """Per-repetition seconds (float64, length ``reps``)."""
+        with env_threads(self.env):
+            return self._time_block(kind, width, warmup, reps)
+
+    def _time_block(self, kind: str, width: int, warmup: int, reps: int) -> torch.Tensor:
         from ziplm_ext.native import timing
 
         w = self._weights(kind, width)
@@ -321,6 +326,21 @@ def float32_reference_time(model, env: InferenceEnv, dense: float, reps: int, wa
     return f32
 
 
+@contextlib.contextmanager
+def env_threads(env: InferenceEnv):
+    """Run the block with ``env.threads`` intra-op threads (when set), restoring the previous count."""
+    n = getattr(env, "threads", None)
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 class TorchEagerEngine:
     """:class:`~ziplm_ext.engines.base.Engine` of PyTorch eager mode (the only engine today)."""
 
@@ -337,17 +357,19 @@ class TorchEagerEngine:
         return TorchBlockTimer(shapes, env, resolve_timer(timer, stacklevel + 1), seed)
 
     def model_time(self, model, env: InferenceEnv, *, reps: int = 30, warmup: int = 5) -> float:
-        return measure_model_time(model, env, reps=reps, warmup=warmup)
+        with env_threads(env):
+            return measure_model_time(model, env, reps=reps, warmup=warmup)
 
     def speedups(self, dense, models: Sequence, env: InferenceEnv, *, rounds: int = 15, reps_per_round: int = 3,
                  warmup: int = 3) -> List[float]:
-        return measure_speedups(dense, models, env, rounds=rounds, reps_per_round=reps_per_round, warmup=warmup)
+        with env_threads(env):
+            return measure_speedups(dense, models, env, rounds=rounds, reps_per_round=reps_per_round, warmup=warmup)
 
     def host_meta(self, env: InferenceEnv) -> Dict[str, Any]:
         return {
             "torch_version": torch.__version__,
             "host": host_name(torch.device(env.device)),
-            "num_threads": torch.get_num_threads(),
+            "num_threads": env.threads if getattr(env, "threads", None) else torch.get_num_threads(),
         }
 
     def reference_meta(self, model, env: InferenceEnv, dense: float, reps: int, warmup: int,
