@@ -1,8 +1,9 @@
 """Inference engines: the runtimes a latency table and end-to-end speedups are measured with.
 
 ``get_engine(env)`` returns the :class:`~ziplm_ext.engines.base.Engine` of an inference environment.
-Today there is one, PyTorch eager mode (``"torch"``, :mod:`ziplm_ext.engines.torch_eager`); another
-runtime is one more entry in :data:`ENGINES`.
+PyTorch eager mode (``"torch"``, :mod:`ziplm_ext.engines.torch_eager`), ONNX Runtime
+(``"onnxruntime"``, :mod:`ziplm_ext.engines.onnxruntime`) and llama.cpp (``"llama.cpp"``,
+:mod:`ziplm_ext.engines.llamacpp`); another runtime is one more entry in :data:`ENGINES`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,13 @@ from ziplm_ext.env import InferenceEnv
 
 __all__ = ["BlockTimer", "Engine", "ENGINES", "DEFAULT_ENGINE", "TorchEagerEngine", "get_engine", "in_env"]
 
-ENGINES: Dict[str, Callable[[], Engine]] = {"torch": TorchEagerEngine}
+def _onnxruntime() -> Engine:
+    from ziplm_ext.engines.onnxruntime import OnnxRuntimeEngine  # lazy: onnxruntime is an optional extra
+
+    return OnnxRuntimeEngine()
+
+
+ENGINES: Dict[str, Callable[[], Engine]] = {"torch": TorchEagerEngine, "onnxruntime": _onnxruntime}
 DEFAULT_ENGINE = "torch"
 
 

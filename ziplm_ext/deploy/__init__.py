@@ -1,0 +1,1 @@
+"""Exporters of pruned models to the formats deployment engines load (GGUF, ONNX, self-contained HF directories)."""
