@@ -156,13 +156,20 @@ def _residual(W: torch.Tensor, W_dense: torch.Tensor, stats: _Stats, G: torch.Te
 
 @torch.no_grad()
 def resolve_sequential(pruned: nn.Module, dense: nn.Module, batches: Sequence[CalibrationBatch], *,
-                       damp: float = 0.01, progress: Optional[Callable[[int], None]] = None) -> dict[str, tuple]:
+                       damp: float = 0.01, target: str = "stream",
+                       progress: Optional[Callable[[int], None]] = None) -> dict[str, tuple]:
     """Re-fit every kept out projection of `pruned` (in place) on inputs from its own pruned earlier
     layers, against the outputs of `dense` (the model it was pruned from, same architecture).
 
     A layer keeps its old weights when the re-fit would not lower its reconstruction error.
+    `target`: ``"stream"`` -- the dense block's output on the pruned model's own hidden states (each
+    layer is re-fitted for the inputs it now sees, upstream errors are left alone, as in sequential
+    GPTQ / SparseGPT); ``"dense"`` -- the dense model's output on its own hidden states (each layer
+    also tries to undo the errors of the layers before it).
     Returns ``{layer name: (error before, error after)}`` (squared, summed over real tokens).
     """
+    if target not in ("stream", "dense"):
+        raise ValueError(f"resolve_sequential: target must be 'stream' or 'dense', got {target!r}")
     if not batches:
         raise ValueError("resolve_sequential: no calibration batches")
     adapter = get_adapter(pruned)
@@ -178,7 +185,8 @@ def resolve_sequential(pruned: nn.Module, dense: nn.Module, batches: Sequence[Ca
         mine.sort(key=lambda l: 0 if l.kind == "attn" else 1)  # the FFN sees the re-fitted attention
         caps = {l.name: _Capture(adapter.out_proj(dense, l)) for l in mine}
         try:
-            _run_block(d_block, d_states, list(caps.values()), advance=True)
+            _run_block(d_block, d_states if target == "dense" else p_states, list(caps.values()),
+                       advance=target == "dense")
         finally:
             for c in caps.values():
                 c.remove()
