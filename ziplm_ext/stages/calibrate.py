@@ -5,6 +5,10 @@ The inputs of block 0 are captured once (GPTQ-style: a pre-hook stops the forwar
 every block is run on its own with the captured keyword arguments (masks, rotary embeddings), so
 peak memory holds one block's activations and does not grow with depth. Padding tokens are
 excluded from the Hessians.
+
+Under torch.distributed (:func:`reduced_block_hessians`) each rank runs a contiguous shard of the
+calibration batches; per layer, the ranks' float64 sums ``Σ xxᵀ`` and int64 token counts are
+reduced with SUM onto the rank that owns the layer's solve.
 """
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from ziplm_ext import dist
 from ziplm_ext.native import ops
 from ziplm_ext.adapters import get_adapter
-from ziplm_ext.adapters.base import Adapter, PrunableLayer
+from ziplm_ext.adapters.base import Adapter, PrunableLayer, in_features_of
 
 
 class _StopForward(Exception):
@@ -72,11 +77,13 @@ def _first(out):
 
 @torch.no_grad()
 def block_hessians(model: nn.Module, batches: list[CalibrationBatch], *, adapter: Optional[Adapter] = None,
-                   progress: Optional[Callable] = None) -> Iterator[tuple[int, dict[str, torch.Tensor], int]]:
+                   progress: Optional[Callable] = None,
+                   only: Optional[set] = None) -> Iterator[tuple[int, dict[str, torch.Tensor], int]]:
     """Yield (block index, {layer name: float64 Hessian}, token count) for each block in order.
 
     Hessians are sums (not means) of xxᵀ over the non-padding tokens entering each prunable
-    out projection of the dense model.
+    out projection of the dense model. only: accumulate just these layer names (default: all).
+    An empty `batches` yields empty dicts and zero counts.
     """
     adapter = adapter or get_adapter(model)
     model.eval()
@@ -101,7 +108,7 @@ def block_hessians(model: nn.Module, batches: list[CalibrationBatch], *, adapter
             return pre
 
         for layer in mine:
-            if adapter.is_removed(model, layer):
+            if adapter.is_removed(model, layer) or (only is not None and layer.name not in only):
                 continue
             hooks.append(adapter.out_proj(model, layer).register_forward_pre_hook(hook_for(layer)))
         ntok = 0
@@ -116,3 +123,32 @@ def block_hessians(model: nn.Module, batches: list[CalibrationBatch], *, adapter
         if progress is not None:
             progress(i)
         yield i, H, ntok
+
+
+@torch.no_grad()
+def reduced_block_hessians(model: nn.Module, batches: list[CalibrationBatch], owners: dict[str, int], *,
+                           adapter: Optional[Adapter] = None,
+                           progress: Optional[Callable] = None) -> Iterator[tuple[int, dict[str, torch.Tensor], int]]:
+    """Data-parallel :func:`block_hessians` (every rank of the process group calls it with the same
+    arguments): this rank runs its contiguous shard of `batches` (:func:`ziplm_ext.dist.shard_of`;
+    possibly none), and each layer's Hessian is SUM-reduced onto ``owners[name]``.
+
+    Yields (block index, {name: summed float64 Hessian for the layers this rank owns}, total token
+    count over all ranks) for each block in order. Layers not in `owners` are not accumulated.
+    """
+    adapter = adapter or get_adapter(model)
+    layers = [l for l in adapter.prunable_layers(model) if l.name in owners]
+    device = next(model.parameters()).device
+    mine = dist.shard_of(batches)
+    for i, local, ntok in block_hessians(model, mine, adapter=adapter, progress=progress, only=set(owners)):
+        out: dict[str, torch.Tensor] = {}
+        total = None
+        for layer in (l for l in layers if l.block == i):
+            H = local.pop(layer.name, None)
+            if H is None:  # an empty shard: this rank adds nothing to the sum
+                cols = in_features_of(adapter.out_proj(model, layer))
+                H = torch.zeros(cols, cols, dtype=torch.float64, device=device)
+            H_sum, total = dist.reduce_hessian(H, ntok, owners[layer.name])
+            if H_sum is not None:
+                out[layer.name] = H_sum
+        yield i, out, dist.sum_count(ntok) if total is None else total
