@@ -81,7 +81,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> damped_inverse_impl(const 
         << " (" << todo.numel() << " of " << B << " failed); check the calibration inputs";
     TORCH_CHECK_VALUE(false, msg.str());
   }
-  return {Hinv.view(H_in.sizes()), damp_used, dead};
+  // Row-major like H (cholesky_inverse returns the symmetric result column-major); the fake
+  // kernel in ziplm_ext/native/fake.py promises contiguous outputs.
+  return {Hinv.contiguous().view(H_in.sizes()), damp_used, dead};
 }
 
 }  // namespace ziplm

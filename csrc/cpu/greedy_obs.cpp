@@ -1,8 +1,18 @@
-// CPU greedy structured OBS. Groups of size > 1 (attention heads) use the device-generic loop in
-// greedy_obs_impl.h, whose per-step work is already rank-g matrix products. Single columns (FFN
-// neurons, thousands of steps) take the fused path below: per step one GEMV over the applied W
-// (which stays in the last-level cache), O(m * pending) vector work, and no small ATen calls
-// except the GEMVs; the pending rank-1 updates are applied every `block` steps with two GEMMs.
+// CPU greedy structured OBS (fused kernels; the device-generic loop in greedy_obs_impl.h stays
+// registered as greedy_obs_generic for the tests). The damped inverse is the shared Cholesky one
+// of damped_inverse_impl.h (LAPACK potrf + potri through ATen).
+//
+// Single columns (FFN neurons, thousands of steps): per step one GEMV over the applied W (which
+// stays in the last-level cache), O(m * pending) vector work, and no small ATen calls except the
+// GEMVs; the pending rank-1 updates are applied every `block` steps with two GEMMs.
+//
+// Groups (attention heads, g = head_dim, a few dozen steps): every step is GEMM-shaped already, so
+// the updates are applied at once, without pending factors. The active groups are kept as a
+// prefix of W's columns and H^-1's rows/columns (the removed group's slot is refilled by the last
+// active one), so the rank-g updates run on contiguous prefixes with no compaction copies, and the
+// saliencies of all groups come from one batched solve: with L_K L_K^T = (H^-1)_KK,
+//   Y_K = W_K L_K^-T,  rho_K = ||Y_K||_F^2 = tr(W_K (H^-1)_KK^-1 W_K^T),
+// and the chosen group's Y_K is its U factor (ZIPLM.md section 2 notation).
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -38,7 +48,7 @@ ObsOutput greedy_obs_cpu_columns(const ObsSetup& setup, int64_t block) {
   const auto opt = W0.options();
   const int64_t cap = std::max<int64_t>(block, 1);
 
-  at::Tensor Hinv = setup.Hinv0.clone();  // (m, m) applied, active columns only
+  at::Tensor Hinv = setup.Hinv0;  // (m, m) applied, active columns only (never updated in place)
   at::Tensor W = W0.clone();              // (r, m) applied
   at::Tensor G = at::zeros({cap, c}, opt);  // pending g_p as rows (active coordinates)
   at::Tensor U = at::zeros({cap, r}, opt);  // pending u_p as rows
@@ -144,11 +154,92 @@ ObsOutput greedy_obs_cpu_columns(const ObsSetup& setup, int64_t block) {
   return {order, losses, Uout, Rout, W0, setup.damp_used};
 }
 
+// Saliencies of the Sa active groups (slots) of the prefix: returns Y (Sa, r, g) = W_K L_K^-T and
+// LinvT (Sa, g, g) = L_K^-T; fills rho (Sa) with ||Y_K||_F^2.
+template <typename T>
+std::pair<at::Tensor, at::Tensor> group_saliency(const at::Tensor& Hinv, const at::Tensor& W, int64_t Sa, int64_t g,
+                                                 int64_t step, std::vector<T>& rho) {
+  const int64_t c = Hinv.size(1), r = W.size(0), ldw = W.size(1);
+  at::Tensor D = Hinv.as_strided({Sa, g, g}, {g * c + g, c, 1});  // diagonal blocks of the prefix
+  auto [L, info] = at::linalg_cholesky_ex(D);
+  ZIPLM_CHECK(info.max().item<int64_t>() == 0, "numerical breakdown at step ", step,
+              ": a pivot block of H^-1 lost positive definiteness (use float64 or a larger damp)");
+  at::Tensor eye = at::eye(g, D.options()).expand({Sa, g, g});
+  at::Tensor LinvT = at::linalg_solve_triangular(L, eye, /*upper=*/false).transpose(1, 2);
+  at::Tensor Y = at::bmm(W.as_strided({Sa, r, g}, {g, ldw, 1}), LinvT);  // (Sa, r, g)
+  const T* y = Y.data_ptr<T>();
+  at::parallel_for(0, Sa, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      T acc = 0;
+      for (int64_t i = 0; i < r * g; ++i) acc += y[k * r * g + i] * y[k * r * g + i];
+      rho[k] = acc;
+    }
+  });
+  return {Y, LinvT};
+}
+
+// Moves the slot `last` into slot k of the (m)-prefix of W's columns, G's rows and H^-1.
+void refill_slot(at::Tensor& W, at::Tensor& Hinv, at::Tensor& G, int64_t k, int64_t last, int64_t g, int64_t m) {
+  if (k == last) return;
+  W.narrow(1, k * g, g).copy_(W.narrow(1, last * g, g));
+  G.narrow(0, k * g, g).copy_(G.narrow(0, last * g, g));
+  Hinv.narrow(0, k * g, g).narrow(1, 0, m).copy_(Hinv.narrow(0, last * g, g).narrow(1, 0, m));
+  Hinv.narrow(0, 0, m).narrow(1, k * g, g).copy_(Hinv.narrow(0, 0, m).narrow(1, last * g, g));
+}
+
+template <typename T>
+ObsOutput greedy_obs_cpu_groups(const ObsSetup& setup, int64_t g) {
+  const at::Tensor& W0 = setup.W0;
+  const int64_t r = W0.size(0), c = W0.size(1), S = c / g;
+  const auto opt = W0.options();
+  at::Tensor Hinv = setup.Hinv0;  // (c, c); the active (m, m) prefix is updated in place
+  at::Tensor W = W0.clone();      // (r, c); the active (r, m) prefix
+  std::vector<int64_t> slot_group(S);
+  for (int64_t k = 0; k < S; ++k) slot_group[k] = k;
+  std::vector<T> rho(S);
+
+  at::Tensor order = at::empty({S}, opt.dtype(at::kLong));
+  at::Tensor step_loss = at::empty({S}, opt);
+  at::Tensor Uout = at::empty({r, S * g}, opt);
+  at::Tensor Rout = at::zeros({S * g, c}, opt);
+  T* Rout_p = Rout.data_ptr<T>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t Sa = S - s, m = Sa * g;
+    auto [Y, LinvT] = group_saliency<T>(Hinv, W, Sa, g, s, rho);
+    int64_t k = 0;  // least saliency; ties to the lowest original group, as argmin in the oracle
+    for (int64_t q = 1; q < Sa; ++q)
+      if (rho[q] < rho[k] || (rho[q] == rho[k] && slot_group[q] < slot_group[k])) k = q;
+    // G = H^-1[:, M] L^-T (m, g): the rank-g factor of the downdates
+    at::Tensor G = at::mm(Hinv.narrow(0, 0, m).narrow(1, k * g, g), LinvT.select(0, k));
+    at::Tensor U = Y.select(0, k);  // (r, g) = W_M L^-T
+    order.data_ptr<int64_t>()[s] = slot_group[k];
+    step_loss.data_ptr<T>()[s] = rho[k];
+    Uout.narrow(1, s * g, g).copy_(U);
+    const T* Gp = G.data_ptr<T>();
+    for (int64_t q = 0; q < Sa; ++q) {  // history rows in original columns; the removed group's stay 0
+      if (q == k) continue;
+      const int64_t col0 = slot_group[q] * g;
+      for (int64_t i = 0; i < g; ++i)
+        for (int64_t j = 0; j < g; ++j) Rout_p[(s * g + i) * c + col0 + j] = Gp[(q * g + j) * g + i];
+    }
+    refill_slot(W, Hinv, G, k, Sa - 1, g, m);
+    slot_group[k] = slot_group[Sa - 1];
+    const int64_t mk = m - g;  // the remaining groups now fill the (mk)-prefix
+    if (mk > 0) {
+      at::Tensor Gk = G.narrow(0, 0, mk);
+      W.narrow(1, 0, mk).addmm_(U, Gk.t(), 1.0, -1.0);
+      Hinv.narrow(0, 0, mk).narrow(1, 0, mk).addmm_(Gk, Gk.t(), 1.0, -1.0);
+    }
+  }
+  at::Tensor losses = step_loss.cumsum(0);
+  check_losses(losses);
+  return {order, losses, Uout, Rout, W0, setup.damp_used};
+}
+
 ObsOutput greedy_obs_cpu(const at::Tensor& W, const at::Tensor& H, int64_t g, double damp, int64_t block) {
-  if (g != 1) return greedy_obs_generic(W, H, g, damp, block);
   ObsSetup setup = greedy_obs_prepare(W, H, g, damp, block);
   return AT_DISPATCH_FLOATING_TYPES(W.scalar_type(), "greedy_obs_cpu", [&] {
-    return greedy_obs_cpu_columns<scalar_t>(setup, block);
+    return g == 1 ? greedy_obs_cpu_columns<scalar_t>(setup, block) : greedy_obs_cpu_groups<scalar_t>(setup, g);
   });
 }
 

@@ -1,5 +1,5 @@
 """The compiled extension ``ziplm_ext._C``: OBS kernels (:mod:`.ops`), slice timing (:mod:`.timing`),
-and their pure-PyTorch oracles (:mod:`.reference`).
+their pure-PyTorch oracles (:mod:`.reference`) and fake kernels for tracing (:mod:`.fake`).
 
 :func:`_native` is the one loader of the extension; importing this package never fails on a
 missing build, the first native call does, with a clear message.
@@ -24,6 +24,7 @@ def _native():
             "ziplm_ext: the native extension ziplm_ext._C is not built or failed to load "
             f"({e}); reinstall with `pip install --no-build-isolation .` (torch installed first)"
         ) from e
+    importlib.import_module("ziplm_ext.native.fake")  # fake kernels of every op (once, on first load)
     return torch.ops.ziplm
 
 

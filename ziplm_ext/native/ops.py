@@ -12,9 +12,9 @@ import torch
 
 from ziplm_ext.native import _native
 
-try:  # importing _C registers torch.ops.ziplm.* (for callers that use the ops directly)
-    from ziplm_ext import _C  # noqa: F401
-except ImportError:  # pragma: no cover - exercised only on a broken install; _native() raises on use
+try:  # loading registers torch.ops.ziplm.* and their fake kernels (for callers that use the ops directly)
+    _native()
+except RuntimeError:  # pragma: no cover - exercised only on a broken install; _native() raises on use
     pass
 
 
