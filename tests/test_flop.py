@@ -220,6 +220,51 @@ def test_training_reaches_the_target_density():
     assert isinstance(ctl.lambda1, float) and isinstance(ctl.lambda2, float)  # not trained by the optimizer
 
 
+def _llama(hidden, intermediate, blocks, heads, kv_heads):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                                   num_hidden_layers=blocks, num_attention_heads=heads, num_key_value_heads=kv_heads)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_constraint_gradient_per_gate_does_not_shrink_with_model_size():
+    # The density's derivative per gate is ~ 1 / (number of gates); the penalty is scaled so that its
+    # gradient per gate is (lambda1 + 2 lambda2 gap) (in + out) / mean(in + out) P (1 - P), whatever the size.
+    means = []
+    for shape in ((32, 64, 2, 4, 2), (256, 768, 4, 8, 4)):  # ~20k and ~3.7M block-linear weights
+        layers = flop.factorize_model(_llama(*shape))
+        ctl = flop.LagrangianController(layers, 0.5, lambda1=1.0, lambda2=0.0)
+        grads, _ = _penalty_grads(ctl, layers)
+        with torch.no_grad():
+            p = torch.cat([l.gate.prob_nonzero() for l in layers.values()])
+        means.append(float(grads.mean()))
+        assert means[-1] == pytest.approx(float((p * (1 - p)).mean()), rel=1e-4)  # lambda1 * mean P(1 - P)
+        plain = flop.LagrangianController(layers, 0.5, lambda1=1.0, lambda2=0.0, scale=1.0)  # the density penalty
+        assert float(_penalty_grads(plain, layers)[0].mean()) == pytest.approx(means[-1] / ctl.scale, rel=1e-4)
+    assert means[1] == pytest.approx(means[0], rel=0.05)
+    with pytest.raises(ValueError, match="scale"):
+        flop.LagrangianController(layers, 0.5, scale=0.0)
+
+
+def test_default_training_reaches_the_target_density_on_a_20m_model():
+    # The size constraint at the default FlopConfig on a model of > 20M weights in its block linears (wide
+    # and shallow, 4-token sequences, to stay cheap): the expected density is within 0.02 of the target
+    # by the end of the default 200 steps (before the fix it stayed near 1).
+    teacher = _llama(1024, 2816, 2, 16, 4)
+    student = copy.deepcopy(teacher)
+    layers = flop.factorize_model(student)
+    assert sum(l.dense_params for l in layers.values()) > 20_000_000
+    torch.manual_seed(0)
+    data = torch.randint(0, VOCAB, (64, 4))
+    config = flop.FlopConfig(progress=False)
+    assert config.steps <= 200
+    stats, ctl = flop.train_flop(student, teacher, data, 0.4, config, DistillConfig(batch_size=1))
+    with torch.no_grad():
+        final = float(ctl.expected_density())
+    assert abs(final - 0.4) <= 0.02, [round(h["density"], 3) for h in stats.history[::10]]
+    assert abs(stats.history[-1]["density"] - 0.4) <= 0.02
+
+
 # ----------------------------------------------------------------------------- export, save, load
 
 

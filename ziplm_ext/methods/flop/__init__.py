@@ -12,7 +12,7 @@ The method, one module per step (each module's docstring gives the details):
   ``W = P diag(z) Q`` from its SVD, with hard concrete gates ``z`` (the modules themselves are in
   :mod:`ziplm_ext.layers`, so that serialisation needs no part of the method); the expected sizes.
 * :mod:`~ziplm_ext.methods.flop.lagrangian`: the size constraint as an augmented Lagrangian, with a
-  warm-up schedule of the target.
+  warm-up schedule of the target, scaled so that its pull per gate does not depend on the model's size.
 * :mod:`~ziplm_ext.methods.flop.train`: distillation from the dense model plus the Lagrangian.
 * :mod:`~ziplm_ext.methods.flop.export`: FLOP's inference rule (keep ``round(sum_k P(z_k != 0))`` gates
   per layer, fold their means in), thin pairs or dense layers, whichever is smaller.
@@ -31,13 +31,14 @@ from ziplm_ext.methods.flop.export import (export_flop_model, export_layer, expo
                                            uniform_ranks)
 from ziplm_ext.methods.flop.factorize import (expected_density, factorize_model, factorized_density,
                                               factorized_layers, gate_sampling)
-from ziplm_ext.methods.flop.lagrangian import LagrangianController
+from ziplm_ext.methods.flop.lagrangian import LagrangianController, gate_scale
 from ziplm_ext.methods.flop.prune import flop_prune
 from ziplm_ext.methods.flop.train import train_flop
 
 __all__ = [
     "BETA", "GAMMA", "ZETA", "INIT_LOG_ALPHA", "DEFAULT_CURVE_DENSITIES",
-    "HardConcreteGate", "FactorizedLinear", "LowRankLinear", "LagrangianController", "SpeedupCurve", "FlopConfig",
+    "HardConcreteGate", "FactorizedLinear", "LowRankLinear", "LagrangianController", "gate_scale", "SpeedupCurve",
+    "FlopConfig",
     "factorize_model", "factorized_layers", "gate_sampling", "expected_density", "factorized_density",
     "export_flop_model", "export_layer", "flop_ranks", "rank_for_density", "uniform_ranks", "model_ranks",
     "shrunk_ranks", "hard_sparsity", "exported_density",

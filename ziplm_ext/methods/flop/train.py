@@ -6,10 +6,19 @@ steps as the other methods, plus the Lagrangian term (``extra_loss``,
 (``after_backward``) and a parameter group giving the gates' ``log_alpha`` their own, larger learning rate
 (no weight decay).  ``finetune`` keeps the student in eval mode (no dropout), so gate sampling is switched
 on explicitly (:func:`~ziplm_ext.methods.flop.factorize.gate_sampling`), not tied to ``module.training``.
+
+**Gate gradients and clipping**: the penalty is scaled to a size-free force per gate
+(:mod:`~ziplm_ext.methods.flop.lagrangian`, Scale), so on a large model the gates' gradient vector (one entry
+per gate, ~1e5 on a 135M model) would carry most of the global norm that ``finetune`` clips, and each step's
+clipping would shrink the weights' distillation update by a factor that changes from step to step.  The
+gates' gradient (distillation and penalty together) is therefore multiplied by ``1 / sqrt(number of gates)``
+before clipping.  Adam divides each parameter's step by its own gradient's running RMS, so a constant
+factor does not change the gates' steps (the factor keeps the gradients far above Adam's ``eps``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from ziplm_ext.config import FlopConfig
@@ -45,8 +54,14 @@ def train_flop(student, teacher, train_data, target_density: float, config: Opti
     gate_params = [l.gate.log_alpha for l in layers.values()]
     rest = [p for p in student.parameters() if p.requires_grad and id(p) not in gates]
     groups = [{"params": rest}, {"params": gate_params, "lr": config.gate_lr, "weight_decay": 0.0}]
-    with gate_sampling(student, True):
-        stats = finetune(student, teacher, train_data, steps, cfg, progress=config.progress, extra_loss=ctl.penalty,
-                         after_backward=ctl.ascend, param_groups=groups, desc=desc)
+    factor = 1.0 / math.sqrt(sum(p.numel() for p in gate_params))  # module docstring: gate gradients
+    handles = [p.register_hook(lambda g: g * factor) for p in gate_params]
+    try:
+        with gate_sampling(student, True):
+            stats = finetune(student, teacher, train_data, steps, cfg, progress=config.progress,
+                             extra_loss=ctl.penalty, after_backward=ctl.ascend, param_groups=groups, desc=desc)
+    finally:
+        for h in handles:
+            h.remove()
     return stats, ctl
 
