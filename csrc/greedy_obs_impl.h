@@ -123,7 +123,8 @@ inline void check_losses(const at::Tensor& losses) {
               "greedy OBS produced non-finite losses (numerical breakdown; use float64 or a larger damp)");
 }
 
-// Device-generic greedy loop (ATen ops only, no host synchronisation on CUDA except the checks).
+// Device-generic greedy loop (ATen ops only). On CUDA the flush's `nonzero` synchronises once per block,
+// and a failed pivot block shows up only in the final loss check.
 inline ObsOutput greedy_obs_generic(const at::Tensor& W_in, const at::Tensor& H_in, int64_t g, double damp,
                                     int64_t block) {
   ObsSetup setup = greedy_obs_prepare(W_in, H_in, g, damp, block);

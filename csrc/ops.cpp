@@ -13,8 +13,8 @@ TORCH_LIBRARY(ziplm, m) {
   // Greedy structured OBS over groups of `group_size` consecutive columns.
   // Returns (order[S], losses[S], U[rows, S*g], R[S*g, cols], W0[rows, cols], damp_used[]).
   m.def("greedy_obs(Tensor W, Tensor H, int group_size, float damp, int block_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // The same op computed by the device-generic ATen loop (the CUDA path); on CPU it lets tests
-  // check that loop against the oracle and the fused CPU kernel.
+  // The same op computed by the device-generic ATen loop: the CUDA fallback for groups too large for
+  // shared memory, and the reference the CPU and CUDA kernels are tested against.
   m.def("greedy_obs_generic(Tensor W, Tensor H, int group_size, float damp, int block_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Latency of one attention block (x: (B,T,d); weights in nn.Linear layout) over `reps` runs (seconds, float64, CPU).
   m.def("time_attention(Tensor x, Tensor wq, Tensor wk, Tensor wv, Tensor wo, int head_dim, bool causal, int warmup, int reps) -> Tensor");

@@ -1,4 +1,7 @@
-// CUDA registration of H += X^T X: the accumulation is one cuBLAS GEMM (addmm_) on the current stream.
+// CUDA registration of H += X^T X. No hand-written kernel: the accumulation is one cuBLAS GEMM
+// (addmm_) on the current stream, which is already at the arithmetic floor. The op returns the
+// number of rows added, so a mask costs one host synchronisation (`nonzero` selects the rows),
+// and the finiteness check of X one more.
 #include <c10/cuda/CUDAGuard.h>
 #include "../hessian_impl.h"
 
