@@ -21,7 +21,14 @@ def _onnxruntime() -> Engine:
     return OnnxRuntimeEngine()
 
 
-ENGINES: Dict[str, Callable[[], Engine]] = {"torch": TorchEagerEngine, "onnxruntime": _onnxruntime}
+def _llamacpp() -> Engine:
+    from ziplm_ext.engines.llamacpp import LlamaCppEngine  # lazy: llama-cpp-python is an optional extra
+
+    return LlamaCppEngine()
+
+
+ENGINES: Dict[str, Callable[[], Engine]] = {"torch": TorchEagerEngine, "onnxruntime": _onnxruntime,
+                                            "llama.cpp": _llamacpp}
 DEFAULT_ENGINE = "torch"
 
 
