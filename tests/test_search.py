@@ -322,7 +322,7 @@ def test_uniform_no_zero_level_takes_smallest():
         uniform_levels(counts, times, 2.5)
 
 
-@pytest.mark.parametrize("module", ["dp", "spdy", "uniform"])
+@pytest.mark.parametrize("module", ["dp", "spdy", "uniform", "local"])
 def test_search_module_imports_numpy_only(module):
     import ast
     import importlib
@@ -344,7 +344,7 @@ def test_search_module_imports_numpy_only(module):
     assert "import torch" not in pathlib.Path(s.__file__).read_text()
     # from the package only the error type and the other NumPy-only search modules
     assert package <= {"ziplm_ext.errors", "ziplm_ext.stages.search.dp", "ziplm_ext.stages.search.spdy",
-                       "ziplm_ext.stages.search.uniform"}
+                       "ziplm_ext.stages.search.uniform", "ziplm_ext.stages.search.local"}
 
 
 def test_uniform_per_kind_fits_tightest_and_beats_single_fraction():
@@ -368,3 +368,147 @@ def test_uniform_per_kind_fits_tightest_and_beats_single_fraction():
     assert t_kind == best
     with pytest.raises(UnreachableTargetError):
         uniform_per_kind_levels(counts, times, -1.0, kinds)
+
+
+# ----------------------------------------------------------------------------- local moves
+
+
+def test_local_search_reaches_brute_force_optimum_within_budget():
+    from ziplm_ext.stages.search.local import local_search
+
+    rng = np.random.default_rng(7)
+    L, n = 4, 5
+    widths = [list(range(n)) for _ in range(L)]
+    times = [np.arange(n, dtype=float) * (1 + l) for l in range(L)]
+    weights = rng.random(L) + 0.2
+    errors = [np.zeros(n) for _ in range(L)]
+
+    def loss(levels):  # convex and separable: decreasing in every layer's width
+        return float(sum(w * (n - 1 - i) ** 2 for w, i in zip(weights, levels)))
+
+    budget = 0.55 * sum(float(t[-1]) for t in times)
+    _, best = brute_loss(times, budget, loss)
+    start = [0] * L
+    calls = []
+    res = local_search(widths, errors, times, budget, lambda lv: calls.append(1) or loss(lv), start,
+                       max_evaluations=300, seed=1)
+    assert total_time(times, res.level_index) <= budget
+    assert res.loss == pytest.approx(best) and res.loss == loss(res.level_index)
+    assert res.num_accepted >= 1 and len(calls) == res.num_evaluations <= 300
+    # never worse than the start, and the evaluation budget is respected
+    res2 = local_search(widths, errors, times, budget, loss, start, max_evaluations=3, seed=1, start_loss=loss(start))
+    assert res2.loss <= loss(start) and res2.num_evaluations <= 3
+    with pytest.raises(ValueError, match="budget"):
+        local_search(widths, errors, times, 1.0, loss, [n - 1] * L, max_evaluations=5)
+
+
+def test_local_search_skips_unavailable_levels():
+    from ziplm_ext.stages.search.local import local_search
+
+    widths = [[0, 1, 2, 3]] * 2
+    times = [np.array([0.0, 1.0, 2.0, 3.0])] * 2
+    errors = [np.array([0.0, 0.0, np.inf, 0.0]), np.zeros(4)]  # layer 0: width 2 unavailable
+    seen = []
+
+    def loss(levels):
+        seen.append(tuple(levels))
+        return float(-sum(levels))
+
+    res = local_search(widths, errors, times, 4.0, loss, [0, 0], max_evaluations=50, seed=0)
+    assert all(lv[0] != 2 for lv in seen) and total_time(times, res.level_index) <= 4.0
+    assert res.loss == -4.0  # (1, 3) or (3, 1)
+
+
+# ----------------------------------------------------------------------------- search_target
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: intra-op threads only add contention on a shared machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_problem():
+    import torch
+    import transformers
+
+    from ziplm_ext.adapters import get_adapter
+    from ziplm_ext.env import InferenceEnv
+    from ziplm_ext.stages.calibrate import make_batches
+    from ziplm_ext.stages.database import build_database
+    from ziplm_ext.stages.latency.table import LatencyTable
+    from ziplm_ext.stages.search.objective import StitchedLoss
+    from ziplm_ext.stages.search.problem import SearchProblem
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=24, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    ids = torch.randint(0, 97, (4, 12), generator=torch.Generator().manual_seed(1))
+    db = build_database(model, make_batches(ids, None, 4), progress=False)
+    rows = {}
+    for l in get_adapter(model).prunable_layers(model):
+        full = 0.1 if l.kind == "attn" else 0.15
+        rows[l.name] = {int(c): full * c / l.num_structures for c in db[l.name].grid}
+    prunable = sum(max(r.values()) for r in rows.values())
+    table = LatencyTable(env=InferenceEnv(seq_len=12), dense_time=2 * prunable, prunable_time=prunable,
+                         layer_times=rows)
+    return SearchProblem(db, table), StitchedLoss(model, db, ids, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_problem(one_thread):
+    return _tiny_problem()
+
+
+def test_search_never_worse_than_per_kind_uniform(tiny_problem):
+    from ziplm_ext.stages.search.problem import search_target, seed_allocations
+    from ziplm_ext.stages.search.uniform import uniform_per_kind_levels
+
+    problem, loss = tiny_problem
+    for target in (1.3, 1.6):
+        budget = problem.budget(target)
+        per_kind = problem.to_widths(uniform_per_kind_levels(problem.grids, problem.times, budget, problem.kinds))
+        single = problem.to_widths(uniform_levels(problem.grids, problem.times, budget, problem.kinds))
+        assert per_kind != single  # the per-kind seed is a different candidate here
+        u = loss(per_kind)
+        seeds = seed_allocations(problem, budget)
+        # one evaluation: only the first seed, which must be the uniform baseline's allocation
+        widths, val, info = search_target(problem, target, loss, evaluations=1, seed=0, progress=False)
+        assert widths == per_kind and val == u and info["evaluations"] == 1
+        # seeds only: the best of them
+        widths, val, info = search_target(problem, target, loss, evaluations=len(seeds), seed=0, progress=False)
+        assert val == min(loss(problem.to_widths(s)) for s in seeds) <= u
+        assert info["uniform_loss"] == u and info["evaluations"] == len(seeds)
+        # the full search: within the budget, never worse, its loss is the loss of its widths
+        widths, val, info = search_target(problem, target, loss, evaluations=40, seed=1, progress=False)
+        assert val <= u and val == loss(widths) and info["evaluations"] <= 40
+        assert sum(problem.table.layer_time(n, c) for n, c in widths.items()) <= budget
+        with pytest.raises(ValueError, match="local_fraction"):
+            search_target(problem, target, loss, evaluations=5, seed=0, progress=False, local_fraction=1.5)
+
+
+def test_search_local_moves_improve_on_spdy(tiny_problem):
+    """Local moves start from the best SPDY / seed allocation and keep only improvements: with a
+    loss that weighs the layers unequally (so no uniform allocation is optimal) they find better
+    allocations than the seeds, and the result is the best loss seen."""
+    from ziplm_ext.stages.search.problem import search_target
+
+    problem, _ = tiny_problem
+    weight = {n: 1.0 + 3.0 * (i % 3) for i, n in enumerate(problem.names)}
+    full = {n: max(g) for n, g in zip(problem.names, problem.grids)}
+    seen = []
+
+    def loss(widths):
+        v = sum(weight[n] * (1 - widths[n] / full[n]) ** 2 for n in problem.names)
+        seen.append(v)
+        return v
+
+    _, val, info = search_target(problem, 1.6, loss, evaluations=60, seed=2, progress=False, local_fraction=0.5)
+    assert info["local_accepted"] >= 1 and val <= info["spdy_loss"] and val < min(info["seed_losses"])
+    assert val == min(seen) and len(seen) == info["evaluations"] <= 60
