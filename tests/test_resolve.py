@@ -119,3 +119,18 @@ def test_bad_input():
         resolve_sequential(pruned, dense, [])
     with pytest.raises(ValueError, match="different architectures"):
         resolve_sequential(pruned, make_model("gpt2"), make_batches(calib(), None, batch_size=4))
+
+
+def test_model_loss_of_a_sliced_model_equals_the_stitched_loss():
+    """StitchedLoss.model_loss (used to accept or reject a re-fit) scores a physically sliced model
+    exactly as the search scored its stitched twin."""
+    from ziplm_ext.stages.search.objective import StitchedLoss
+
+    model = make_model("llama").float()
+    ids = calib()
+    db = build_database(model, make_batches(ids, None, batch_size=4), damp=0.01)
+    loss = StitchedLoss(model, db, ids[:4])
+    widths = {n: max(1, db[n].layer.num_structures // 2) for n in db.names()}
+    stitched = loss(widths)
+    assert stitched > 1e-6
+    assert loss.model_loss(build_pruned_model(model, db, widths)) == pytest.approx(stitched, rel=1e-4)

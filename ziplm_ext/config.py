@@ -66,25 +66,31 @@ class CalibrationConfig:
     loss_blocks: of those, the sequences the search's calibration loss runs on.
     damp: Hessian dampening, relative to the mean diagonal.
     ffn_multiple: FFN widths of the level grid are multiples of this (8, 16, 32: hardware-friendly).
+    resolve: after the widths are chosen, re-fit each kept out projection of the delivered one-shot
+    models on inputs from their own pruned earlier layers (:mod:`ziplm_ext.stages.resolve`).
     """
 
-    num_blocks: int = 32
-    loss_blocks: int = 4
+    num_blocks: int = 64
+    loss_blocks: int = 2
     damp: float = 0.01
     ffn_multiple: int = 1
+    resolve: bool = True
 
     def __post_init__(self):
         _int_at_least(self, "num_blocks", 1)
         _int_at_least(self, "loss_blocks", 1)
         _number(self, "damp", positive=False)
         _int_at_least(self, "ffn_multiple", 1)
+        _bool(self, "resolve")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """The SPDY search: calibration-loss evaluations per target (half of them, at least 20, per re-solve)."""
+    """The search: distinct calibration-loss evaluations per target -- the uniform seeds first, then SPDY,
+    then local moves in width space (half each); half of them, at least 20, per re-solve after a table
+    correction. Evaluations reuse the block outputs of earlier allocations (``StitchedLoss``)."""
 
-    spdy_evaluations: int = 60
+    spdy_evaluations: int = 200
 
     def __post_init__(self):
         _int_at_least(self, "spdy_evaluations", 1)

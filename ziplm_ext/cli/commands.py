@@ -83,7 +83,7 @@ def prune_config(args, workdir: Path | None):
         train = TrainConfig(steps_per_target=args.train_steps, distill=distill)
     return PruneConfig(
         method=args.method, mode="gradual" if args.gradual else "oneshot", baselines=tuple(args.baselines),
-        calibration=CalibrationConfig(num_blocks=args.num_calibration, damp=args.damp,
+        calibration=CalibrationConfig(num_blocks=args.num_calibration, damp=args.damp, resolve=not args.no_resolve,
                                       ffn_multiple=args.ffn_multiple),
         search=SearchConfig(spdy_evaluations=args.spdy_evaluations),
         measure=MeasureConfig(measure=not args.no_measure, rounds=args.measure_rounds),
@@ -139,6 +139,21 @@ def _save_and_report(family, out: Path) -> None:
 
 
 def cmd_prune(args) -> int:
+    from ziplm_ext import dist
+
+    # torchrun --nproc_per_node=N -m ziplm_ext prune ...: join the process group (gloo / NCCL);
+    # every rank loads the model and the data, rank 0 alone reports and writes the family.
+    if dist.init_from_env():
+        if args.gradual or args.method == "flop":
+            raise CLIError("torchrun runs one-shot ZipLM only (--gradual and --method flop run in one process)")
+        args.no_progress = args.no_progress or dist.rank() != 0
+    try:
+        return _prune(args, dist.rank())
+    finally:
+        dist.shutdown()
+
+
+def _prune(args, rank: int) -> int:
     targets = validate_targets(args.targets)
     env = make_env(args)
     out = validate_out_dir(args.out)
@@ -152,7 +167,8 @@ def cmd_prune(args) -> int:
     api = importlib.import_module("ziplm_ext.api")  # looked up at call time (the tests install a fake)
     family = api.prune(model, texts, targets, env=env, config=config, tokenizer=tok, train_data=train_data,
                        eval_data=eval_data, latency_table=table, model_name=str(args.model))
-    _save_and_report(family, out)
+    if rank == 0:
+        _save_and_report(family, out)
     return 0
 
 

@@ -72,18 +72,20 @@ def _add_prune(sub) -> None:
                    help="speedup targets, each > 1 (e.g. 1.5 2 3)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
     _add_env_args(p)
-    p.add_argument("--num-calibration", type=_positive_int, default=32, metavar="N",
-                   help="calibration blocks/sentences (default: 32)")
+    p.add_argument("--num-calibration", type=_positive_int, default=64, metavar="N",
+                   help="calibration blocks/sentences (default: 64)")
     p.add_argument("--num-eval", type=_positive_int, default=16, metavar="N",
                    help="evaluation blocks (causal LM) from the Wikipedia eval split; encoders use 8x as many "
                         "sentences (default: 16)")
-    p.add_argument("--spdy-evaluations", type=_positive_int, default=60, metavar="N",
-                   help="SPDY search evaluations per target (default: 60)")
+    p.add_argument("--spdy-evaluations", type=_positive_int, default=200, metavar="N",
+                   help="search evaluations per target: uniform seeds, SPDY, local moves (default: 200)")
     p.add_argument("--baselines", nargs="*", default=[], choices=("uniform", "magnitude"),
                    help="baselines to build at the same targets")
     p.add_argument("--workdir", default=None, metavar="DIR",
                    help="cache directory for the OBS database (re-running resumes from it)")
     p.add_argument("--damp", type=_float, default=0.01, help="Hessian dampening (relative) (default: 0.01)")
+    p.add_argument("--no-resolve", action="store_true",
+                   help="one-shot: skip the sequential least-squares re-fit of the delivered models")
     p.add_argument("--ffn-multiple", type=_positive_int, default=1, metavar="K",
                    help="round FFN widths to multiples of K, e.g. 16 for hardware-friendly shapes (default: 1)")
     p.add_argument("--latency-table", default=None, metavar="TABLE.json",

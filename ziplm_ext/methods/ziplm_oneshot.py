@@ -16,7 +16,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from ziplm_ext import dist
 from ziplm_ext.adapters import get_adapter
 from ziplm_ext.config import PruneConfig, validate_targets
 from ziplm_ext.env import InferenceEnv
@@ -30,9 +32,10 @@ from ziplm_ext.stages.levels import layer_grid
 from ziplm_ext.stages.search.objective import StitchedLoss
 from ziplm_ext.stages.search.problem import SearchProblem, search_target
 from ziplm_ext.stages.search.uniform import uniform_per_kind_levels
+from ziplm_ext.stages.resolve import resolve_sequential
 from ziplm_ext.stages.slicing import build_magnitude_model, build_pruned_model
 
-__all__ = ["ZipLMRun", "prune_oneshot", "prepare", "solve_targets", "build_baselines", "finish"]
+__all__ = ["ZipLMRun", "prune_oneshot", "prepare", "solve_targets", "resolve_results", "build_baselines", "finish"]
 
 
 @dataclass
@@ -90,9 +93,13 @@ def prepare(model: nn.Module, calibration, targets: Sequence[float], env: Infere
     grid_fn = functools.partial(layer_grid, ffn_multiple=cal.ffn_multiple)
     t0 = time.perf_counter()
     if latency_table is None:
-        latency_table = build_environment_table(model, env, ffn_multiple=cal.ffn_multiple,
-                                                reps=config.measure.latency_reps, rounds=config.measure.rounds,
-                                                progress=config.progress)
+        # Under torchrun rank 0 alone times the table (the other ranks wait idle, so the timing is
+        # not contended) and broadcasts it.
+        if dist.rank() == 0:
+            latency_table = build_environment_table(model, env, ffn_multiple=cal.ffn_multiple,
+                                                    reps=config.measure.latency_reps, rounds=config.measure.rounds,
+                                                    progress=config.progress)
+        latency_table = dist.broadcast_object(latency_table, src=0)
     else:
         check_table_for_model(latency_table, model, env)
         grid_fn = table_grid_fn(latency_table)
@@ -113,17 +120,27 @@ def prepare(model: nn.Module, calibration, targets: Sequence[float], env: Infere
 def prune_oneshot(model: nn.Module, calibration, targets, env: InferenceEnv, config: PruneConfig, *,
                   tokenizer=None, eval_data=None, latency_table: Optional[LatencyTable] = None,
                   model_name: Optional[str] = None) -> PrunedFamily:
-    """One-shot ZipLM: one model per target, each pruned from the dense `model` (see :func:`ziplm_ext.prune`)."""
+    """One-shot ZipLM: one model per target, each pruned from the dense `model` (see :func:`ziplm_ext.prune`).
+
+    Under torchrun (a process group of several ranks) the calibration and the OBS database are
+    spread over the ranks; rank 0 returns the family, the other ranks return None."""
     targets = validate_targets(targets)
     run = prepare(model, calibration, targets, env, config, tokenizer=tokenizer, latency_table=latency_table)
     t0 = time.perf_counter()
     db = build_database(model, make_batches(run.ids, None, batch_size=8), damp=config.calibration.damp,
                         workdir=config.workdir, progress=config.progress, grid_fn=run.grid_fn)
     run.stages["database"] = time.perf_counter() - t0
+    if dist.rank() != 0:
+        # Rank 0 alone searches, measures and delivers; the others receive the chosen widths (from
+        # which build_pruned_model(model, db, widths) rebuilds the same models) and deliver nothing.
+        dist.broadcast_object(None, src=0)
+        return None
     loss = StitchedLoss(model, db, run.ids[:config.calibration.loss_blocks])
     problem = SearchProblem(db, run.table)
     dense_loss = loss({n: db[n].layer.num_structures for n in db.names()})
     results = solve_targets(model, model, db, problem, loss, targets, run)
+    dist.broadcast_object([r.widths for r in results], src=0)
+    resolve_results(results, model, loss, run)
     run.table = problem.table
     t0 = time.perf_counter()
     baselines = build_baselines(model, db, problem, loss, targets, run)
@@ -157,6 +174,25 @@ def solve_targets(base: nn.Module, dense: nn.Module, db: ObsDatabase, problem: S
     best, fastest, corrections = _measure_and_correct(base, dense, db, problem, loss, chosen, run)
     run.add_stage("measure", t0)
     return _delivered(targets, best, fastest, corrections, problem)
+
+
+def resolve_results(results: list[PrunedResult], dense: nn.Module, loss: StitchedLoss, run: ZipLMRun) -> None:
+    """Re-fit the kept out projections of every delivered model on its own pruned inputs
+    (:func:`~ziplm_ext.stages.resolve.resolve_sequential`, same shapes, so the measured speedups
+    stand); a model keeps the re-fit only when its calibration loss drops."""
+    if not run.config.calibration.resolve:
+        return
+    t0 = time.perf_counter()
+    batches = make_batches(run.ids, None, batch_size=8)
+    for r in tqdm(results, desc="re-solve", disable=not run.config.progress, leave=False):
+        before = {k: v.detach().clone() for k, v in r.model.state_dict().items()}
+        resolve_sequential(r.model, dense, batches, damp=run.config.calibration.damp)
+        new_loss = loss.model_loss(r.model)
+        if new_loss < r.calibration_loss:
+            r.calibration_loss = new_loss
+        else:
+            r.model.load_state_dict(before)
+    run.add_stage("re-solve", t0)
 
 
 def _measure_and_correct(base, dense, db, problem: SearchProblem, loss, chosen: dict, run: ZipLMRun):

@@ -152,20 +152,36 @@ class StitchedLoss:
     def __call__(self, widths: dict[str, int]) -> float:
         self.set_widths(widths)
         keys = _prefix_keys([tuple(self.current.get(n) for n in names) for names in self._block_names])
-        total, n = 0.0, 0
         self.stats["evaluations"] += 1
-        for i, (ids, ref) in enumerate(zip(self._batches(), self.reference)):
+        outs = []
+        for i, ids in enumerate(self._batches()):
             self._plan = self._plan_for(i, keys)
             self.stats["blocks_total"] += len(keys)
             try:
-                out = self._forward(self.work, ids)
+                outs.append(self._forward(self.work, ids))
             finally:
                 self._plan = None
+        return self._mean_loss(outs)
+
+    @torch.no_grad()
+    def model_loss(self, model: nn.Module) -> float:
+        """The same calibration loss for any model of the same vocabulary / hidden size (e.g. a
+        delivered, physically sliced model after re-solving)."""
+        was_training = model.training
+        model.eval()
+        try:
+            return self._mean_loss([self._forward(model, ids) for ids in self._batches()])
+        finally:
+            model.train(was_training)
+
+    def _mean_loss(self, outs) -> float:
+        total, n = 0.0, 0
+        for ids, ref, out in zip(self._batches(), self.reference, outs):
             if self.causal:
-                total += float(torch.sum(kl_terms(ref, out)))  # one sum over tokens and vocabulary
+                total += float(torch.sum(kl_terms(ref, out.float())))  # one sum over tokens and vocabulary
                 n += ref.shape[0] * ref.shape[1]
             else:
-                total += float(((out - ref) ** 2).sum() / (ref**2).sum()) * ids.shape[0]
+                total += float(((out.float() - ref) ** 2).sum() / (ref**2).sum()) * ids.shape[0]
                 n += ids.shape[0]
         return total / n
 
