@@ -44,12 +44,13 @@ from __future__ import annotations
 import ctypes
 import os
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ziplm_ext.io.fileio import atomic_path
 
 __all__ = [
     "export_gguf",
@@ -372,26 +373,6 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> List[Field]:
 # --------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary file name next to `path`, renamed to `path` on success and removed on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _write_metadata(w, m: DeciModel, ftype: int, fields: Sequence[Field]) -> None:
     gguf = require_gguf()
     w.add_name(m.name)
@@ -452,7 +433,7 @@ def write_deci_gguf(m: DeciModel, path, *, dtype: str = "f32", fields: Optional[
     _check_model(m)
     path = Path(path)
     ftype = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), ARCH)
         _write_metadata(w, m, int(ftype), fields)
         for name, t in _tensors(m):
@@ -474,7 +455,7 @@ def quantize_gguf(src, dst, quant: str, *, threads: Optional[int] = None) -> Pat
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(getattr(llama_cpp, _QUANT_FTYPES[quant]))
     params.nthread = int(threads or os.cpu_count() or 1)
-    with _atomic_path(dst) as tmp:
+    with atomic_path(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise RuntimeError(f"llama.cpp could not quantise {src} to {quant} (llama_model_quantize returned {rc})")
